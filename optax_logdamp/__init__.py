@@ -1,0 +1,27 @@
+"""optax_logdamp: spike-proof training for JAX, as composable Optax transforms.
+
+- :func:`log_dampen`: every gradient element ``g`` becomes ``s*sign(g)*log1p(|g|/s)``.
+- :func:`alrc`: adaptive learning rate clipping of the loss (Ede & Beanland).
+- :func:`alrc_per_example` and :func:`cap_losses`: ALRC applied to each example.
+- :func:`logadam`: log dampening chained into Adam.
+"""
+
+from optax_logdamp._alrc import ALRCState as ALRCState
+from optax_logdamp._alrc import alrc as alrc
+from optax_logdamp._alrc import alrc_per_example as alrc_per_example
+from optax_logdamp._alrc import cap_losses as cap_losses
+from optax_logdamp._aliases import logadam as logadam
+from optax_logdamp._dampening import dampen as dampen
+from optax_logdamp._dampening import log_dampen as log_dampen
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALRCState",
+    "alrc",
+    "alrc_per_example",
+    "cap_losses",
+    "dampen",
+    "log_dampen",
+    "logadam",
+]

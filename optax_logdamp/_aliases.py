@@ -1,0 +1,74 @@
+"""LogAdam: log dampening chained into Adam."""
+
+from __future__ import annotations
+
+import chex
+import jax.numpy as jnp
+import optax
+
+from optax_logdamp._dampening import log_dampen
+
+
+def logadam(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    eps_root: chex.Numeric = 0.0,
+    *,
+    dampen_scale: chex.Numeric = 1.0,
+    mu_dtype: jnp.dtype | None = None,
+    nesterov: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adam on log-dampened gradients (the "LogAdam" optimizer).
+
+    Each gradient element is first mapped to
+    :math:`s \cdot \operatorname{sign}(g) \log(1 + |g| / s)` (:func:`log_dampen`,
+    :math:`s` = ``dampen_scale``), then Adam runs as :func:`optax.adam` does:
+
+    .. math::
+      \tilde g = s \operatorname{sign}(g) \log(1 + |g|/s), \quad
+      m \leftarrow \beta_1 m + (1-\beta_1)\tilde g, \quad
+      v \leftarrow \beta_2 v + (1-\beta_2)\tilde g^2, \quad
+      u = -\eta \frac{\hat m}{\sqrt{\hat v + \epsilon_{root}} + \epsilon}.
+
+    Results equal ``optax.chain(log_dampen(dampen_scale), optax.adam(...))``.
+
+    Args:
+      learning_rate: a fixed rate or a schedule (``optax.ScalarOrSchedule``).
+      b1: Adam's decay of the first moment.
+      b2: Adam's decay of the second moment.
+      eps: added to the denominator outside the square root.
+      eps_root: added to the second moment inside the square root.
+      dampen_scale: the knee :math:`s > 0` of the dampening.
+      mu_dtype: dtype of the first moment (``None``: that of the parameters).
+      nesterov: whether to use Nesterov momentum (NAdam).
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import optax
+      >>> from optax_logdamp import logadam
+      >>> tx = logadam(learning_rate=0.1)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = tx.init(params)
+      >>> grads = jax.grad(lambda p: jnp.sum(p ** 2))(params)
+      >>> updates, state = tx.update(grads, state, params)
+      >>> optax.apply_updates(params, updates)
+      Array([ 0.9, -1.9], dtype=float32)
+
+    References:
+      D. P. Kingma and J. Ba, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_, 2014. D. MacDonald, `A Magnetosphere for
+      Neural Networks: the LogAdam optimizer
+      <https://torontoai.org/2018/03/31/a-magnetosphere-for-neural-networks/>`_, 2018.
+    """
+    return optax.chain(
+        log_dampen(dampen_scale),
+        optax.scale_by_adam(
+            b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )

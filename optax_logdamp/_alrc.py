@@ -1,0 +1,491 @@
+"""ALRC: adaptive learning rate clipping (Ede & Beanland).
+
+The loss is capped at its running mean plus ``num_stddev`` standard deviations.
+For a scalar loss, capping ``L`` at ``t`` by ``L / stop_gradient(L / t)`` multiplies
+every gradient by ``t / L``, so batch-level ALRC is a gradient transformation that
+receives the loss as ``value`` and scales the updates. Per-example ALRC (the paper's
+own form for batches) caps each example inside the loss with :func:`cap_losses` and
+then folds the capped losses into the same statistics in ``update``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from optax_logdamp._validation import (
+    as_float,
+    check_open_unit_interval,
+    check_positive,
+    check_scalar,
+)
+
+_PAPER_EPS = 1e-8  # added to the variance under the square root in the paper's rule
+_INT32_MAX = jnp.iinfo(jnp.int32).max
+
+
+class ALRCState(NamedTuple):
+    """State of :func:`alrc` and :func:`alrc_per_example`: loss statistics, diagnostics.
+
+    Every field is a scalar array; the state is the same size whatever the model.
+    """
+
+    count: jax.Array  # shape=(), int32: steps folded into mean/var since they (re)started
+    mean: jax.Array  # shape=(), float32: running mean of the capped loss
+    var: jax.Array  # shape=(), float32: running variance of the capped loss
+    threshold: jax.Array  # shape=(), float32: cap for the NEXT loss (+inf before any)
+    scale: jax.Array  # shape=(), float32: gradient factor applied at the last step
+    num_steps: jax.Array  # shape=(), int32: steps with a finite loss
+    num_losses: jax.Array  # shape=(), int32: losses seen in those steps (examples if per-example)
+    num_clipped: jax.Array  # shape=(), int32: losses capped (examples if per-example)
+    num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite loss
+
+
+class _Rule(NamedTuple):
+    """Hyperparameters of the clipping rule, as float32/int32 arrays."""
+
+    num_stddev: jax.Array
+    decay: jax.Array
+    warmup_steps: jax.Array
+    from_data: bool  # static: True unless the paper's mu1_init/mu2_init were given
+
+
+def _saturating_add(total: jax.Array, amount: jax.Array) -> jax.Array:
+    """``total + amount`` for non-negative int32 values, stopping at the int32 maximum."""
+    amount = jnp.asarray(amount, jnp.int32)
+    return jnp.where(total > _INT32_MAX - amount, _INT32_MAX, total + amount)
+
+
+def loss_scale(loss: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """ALRC's gradient factor for ``loss`` under ``threshold``, and whether it caps.
+
+    A positive loss above the threshold is capped: its gradient is multiplied by
+    ``threshold / loss``, clamped to ``[0, 1]`` so that ALRC never amplifies a
+    gradient nor flips its sign (a threshold ``<= 0`` gives 0: the step is dropped).
+    A loss ``<= 0`` is never capped: scaling cannot cap it. Non-finite losses give
+    factor 1 here; the callers skip such steps.
+    """
+    capped = (loss > threshold) & (loss > 0)
+    safe_loss = jnp.where(capped, loss, 1.0)
+    scale = jnp.where(capped, jnp.clip(threshold / safe_loss, 0.0, 1.0), 1.0)
+    return lax.stop_gradient(scale), lax.stop_gradient(capped)
+
+
+def _next_threshold(rule: _Rule, count, mean, var, num_steps) -> jax.Array:
+    """The cap for the next loss: ``mean + num_stddev * sigma``.
+
+    From data, sigma is ``sqrt(var)``; during warm-up the cap is at least
+    ``(1 + num_stddev) * mean``, and there is no cap before the first loss. With the
+    paper's initial moments, sigma is ``sqrt(var + 1e-8)`` from the first step.
+    """
+    if not rule.from_data:
+        return mean + rule.num_stddev * jnp.sqrt(jnp.maximum(var, 0.0) + _PAPER_EPS)
+    threshold = mean + rule.num_stddev * jnp.sqrt(jnp.maximum(var, 0.0))
+    in_warmup = num_steps < rule.warmup_steps
+    threshold = jnp.where(
+        in_warmup, jnp.maximum(threshold, (1 + rule.num_stddev) * mean), threshold
+    )
+    return jnp.where(count > 0, threshold, jnp.inf)
+
+
+def _fold(rule: _Rule, state: ALRCState, batch_mean, batch_var):
+    """Folds one step's capped losses (mean and variance) into the statistics.
+
+    Exponential moving averages of the first two moments, in the stable form
+    ``var <- (1 - a) * (var + a * (x - mean)**2) + a * s2``, ``mean <- mean + a * (x - mean)``,
+    which equals the paper's raw-moment recurrence with ``a = 1 - decay``. From data,
+    ``a = (1 - decay) / (1 - decay**count)``: the bias-corrected (Adam-style) average,
+    exact from the first step. During warm-up a step whose loss is below
+    ``mean / (1 + num_stddev)`` restarts the statistics from it: the earlier losses
+    were a spike (or a steep start) and must not set the scale of what follows.
+    """
+    count = optax.safe_increment(state.count)
+    if rule.from_data:
+        alpha = jnp.minimum(1.0, (1 - rule.decay) / (1 - lax.pow(rule.decay, count)))
+    else:
+        alpha = 1 - rule.decay
+    delta = batch_mean - state.mean
+    mean = state.mean + alpha * delta
+    var = (1 - alpha) * (state.var + alpha * jnp.square(delta)) + alpha * batch_var
+    if rule.from_data:
+        restart = (
+            (state.num_steps < rule.warmup_steps)
+            & (state.count > 0)
+            & (state.mean > 0)
+            & (batch_mean * (1 + rule.num_stddev) < state.mean)
+        )
+        count = jnp.where(restart, jnp.ones_like(count), count)
+        mean = jnp.where(restart, batch_mean, mean)
+        var = jnp.where(restart, batch_var, var)
+    return count, mean, var
+
+
+def _advance(rule, state, *, finite, batch_mean, batch_var, scale, num_losses, num_clipped):
+    """The next state; a step with a non-finite loss only counts itself as skipped."""
+    count, mean, var = _fold(rule, state, batch_mean, batch_var)
+    num_steps = optax.safe_increment(state.num_steps)
+    advanced = ALRCState(
+        count=count,
+        mean=mean,
+        var=var,
+        threshold=_next_threshold(rule, count, mean, var, num_steps),
+        scale=scale,
+        num_steps=num_steps,
+        num_losses=_saturating_add(state.num_losses, num_losses),
+        num_clipped=_saturating_add(state.num_clipped, num_clipped),
+        num_nonfinite=state.num_nonfinite,
+    )
+    skipped = state._replace(
+        scale=jnp.zeros_like(state.scale),
+        num_nonfinite=optax.safe_increment(state.num_nonfinite),
+    )
+    new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), advanced, skipped)
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+    return new_state
+
+
+def _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps) -> _Rule:
+    """Validates concrete hyperparameters (tracers pass) and packs the rule."""
+    check_positive("num_stddev", num_stddev)
+    check_open_unit_interval("decay", decay)
+    check_scalar("warmup_steps", warmup_steps)
+    steps = as_float(warmup_steps)
+    if steps is not None and not (steps >= 0 and steps == int(steps)):
+        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}.")
+    if (mu1_init is None) != (mu2_init is None):
+        raise ValueError(
+            "Give both mu1_init and mu2_init (the paper's initial loss moments, e.g. "
+            "mu1_init=25.0, mu2_init=900.0) or neither (statistics start from the data); "
+            f"got mu1_init={mu1_init!r}, mu2_init={mu2_init!r}."
+        )
+    if mu1_init is not None:
+        check_scalar("mu1_init", mu1_init)
+        check_scalar("mu2_init", mu2_init)
+        mu1, mu2 = as_float(mu1_init), as_float(mu2_init)
+        if mu1 is not None and mu2 is not None and not (mu2 > mu1 * mu1):
+            raise ValueError(
+                "mu2_init must exceed mu1_init**2 (the initial variance mu2 - mu1**2 must "
+                f"be positive); got mu1_init={mu1_init!r}, mu2_init={mu2_init!r}."
+            )
+    return _Rule(
+        num_stddev=jnp.asarray(num_stddev, jnp.float32),
+        decay=jnp.asarray(decay, jnp.float32),
+        warmup_steps=jnp.asarray(warmup_steps, jnp.int32),
+        from_data=mu1_init is None,
+    )
+
+
+def _init_state(rule: _Rule, mu1_init, mu2_init) -> ALRCState:
+    zero_int = jnp.zeros([], jnp.int32)
+    if rule.from_data:
+        mean = jnp.zeros([], jnp.float32)
+        var = jnp.zeros([], jnp.float32)
+    else:
+        mu1 = as_float(mu1_init)
+        mu2 = as_float(mu2_init)
+        if mu1 is not None and mu2 is not None:  # exact variance, then one rounding
+            mean, var = jnp.float32(mu1), jnp.float32(mu2 - mu1 * mu1)
+        else:
+            mean = jnp.asarray(mu1_init, jnp.float32)
+            var = jnp.asarray(mu2_init, jnp.float32) - jnp.square(mean)
+        mean, var = jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32)
+    return ALRCState(
+        count=zero_int,
+        mean=mean,
+        var=var,
+        threshold=jnp.asarray(_next_threshold(rule, zero_int, mean, var, zero_int), jnp.float32),
+        scale=jnp.ones([], jnp.float32),
+        num_steps=zero_int,
+        num_losses=zero_int,
+        num_clipped=zero_int,
+        num_nonfinite=zero_int,
+    )
+
+
+def _loss_array(value: Any, transform: str) -> jax.Array:
+    """The ``value`` extra argument as a float32 array, with a clear error if absent."""
+    if value is None:
+        raise TypeError(
+            f"{transform} needs the loss of this step. Pass it as the keyword argument "
+            "`value`: `updates, opt_state = tx.update(grads, opt_state, params, value=loss)`."
+        )
+    loss = jnp.asarray(value)
+    if not (jnp.issubdtype(loss.dtype, jnp.floating) or jnp.issubdtype(loss.dtype, jnp.integer)):
+        raise TypeError(f"{transform}: value must be a real loss, got dtype {loss.dtype}.")
+    return loss.astype(jnp.float32)
+
+
+def _zero_if_skipped(updates, finite, scale=None):
+    """Updates times ``scale`` (if given), or exactly zero where the loss was not finite."""
+
+    def leaf(g):
+        scaled = g if scale is None else g * scale.astype(g.dtype)
+        return jnp.where(finite, scaled, jnp.zeros_like(g))
+
+    return jax.tree.map(leaf, updates)
+
+
+def alrc(
+    num_stddev: chex.Numeric = 3.0,
+    decay: chex.Numeric = 0.999,
+    *,
+    mu1_init: chex.Numeric | None = None,
+    mu2_init: chex.Numeric | None = None,
+    warmup_steps: int = 20,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adaptive learning rate clipping: caps the loss at mean + n standard deviations.
+
+    With running estimates :math:`\mu` and :math:`\sigma^2` of the loss's mean and
+    variance, a step whose loss :math:`L` exceeds the threshold
+    :math:`t = \mu + n\sigma` has its loss capped to :math:`t` as
+    :math:`L / \mathrm{sg}(L / t)`, which scales every gradient by :math:`t / L`:
+
+    .. math::
+      u \leftarrow u \cdot \min(1, t / L), \qquad
+      \mu \leftarrow \mu + a (L' - \mu), \qquad
+      \sigma^2 \leftarrow (1 - a)\left(\sigma^2 + a (L' - \mu_{\mathrm{old}})^2\right),
+
+    where :math:`L' = \min(L, t)` is the capped loss and :math:`a = 1 - \beta`
+    (``decay`` :math:`= \beta`). This is the paper's raw-moment recurrence rewritten
+    so that float32 does not cancel (losses of 1000 ± 0.1 keep a correct threshold).
+    The statistics are float32 whatever the parameter dtype.
+
+    Starting point. With ``mu1_init`` and ``mu2_init`` (the paper's guessed moments,
+    e.g. 25 and 30**2) the rule is the paper's from the first step, with
+    :math:`\sigma = \sqrt{\mu_2 - \mu_1^2 + 10^{-8}}`. By default no guess is needed:
+    the averages are bias-corrected (:math:`a = (1-\beta)/(1-\beta^k)`, as Adam does),
+    so clip decisions do not change when the loss is multiplied by any :math:`c > 0`;
+    there is no cap at the first step. During the first ``warmup_steps`` steps the
+    threshold is at least :math:`(1 + n)\mu`, and a loss below :math:`\mu / (1 + n)`
+    restarts the statistics from it, so a spike in the first steps neither passes
+    unclipped for long nor disables clipping later.
+
+    Non-finite loss: the updates are set to exactly zero and the statistics are left
+    unchanged (``num_nonfinite`` counts such steps). A following Adam still advances
+    its moments on the zero gradient; wrap the whole chain in
+    :func:`optax.apply_if_finite` to skip the step entirely.
+
+    Signed losses: ALRC assumes a positive loss, as in the paper. The factor is kept
+    in :math:`[0, 1]`: a loss :math:`\le 0` is never capped, and a positive loss
+    above a threshold :math:`\le 0` gets factor 0 (the step is dropped). Pass
+    ``value=loss - lower_bound`` for a loss that can be negative.
+
+    Data parallelism: ``value`` must be the same on every replica. Under ``jit``
+    with sharded inputs the loss is a global mean and it is; under ``pmap`` or
+    ``shard_map`` give ``axis_name`` so the per-replica losses are averaged with
+    :func:`jax.lax.pmean`; without it replicas would take different decisions and
+    drift apart silently.
+
+    Args:
+      num_stddev: :math:`n > 0`, how many standard deviations above the mean to cap.
+      decay: :math:`\beta \in (0, 1)`, the decay of the moving averages.
+      mu1_init: the paper's initial mean; give both inits or neither.
+      mu2_init: the paper's initial second raw moment, ``> mu1_init**2``.
+      warmup_steps: steps of warm-up when starting from data (ignored with inits).
+      axis_name: the ``pmap``/``shard_map`` axis over which to average the loss.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes the
+      scalar loss as ``value`` and whose state is an :class:`ALRCState`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import optax
+      >>> from optax_logdamp import alrc
+      >>> tx = optax.chain(alrc(), optax.sgd(0.1))
+      >>> params = jnp.ones(2)
+      >>> state = tx.init(params)
+      >>> loss_fn = lambda p: jnp.sum(p ** 2)
+      >>> for _ in range(3):
+      ...   loss, grads = jax.value_and_grad(loss_fn)(params)
+      ...   updates, state = tx.update(grads, state, params, value=loss)
+      ...   params = optax.apply_updates(params, updates)
+      >>> optax.tree.get(state, "num_steps")
+      Array(3, dtype=int32)
+
+    References:
+      J. M. Ede and R. Beanland, `Adaptive Learning Rate Clipping Stabilizes
+      Learning <https://arxiv.org/abs/1906.09060>`_, Machine Learning: Science and
+      Technology, 2020.
+    """
+    rule = _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps)
+
+    def init_fn(params):
+        del params
+        return _init_state(rule, mu1_init, mu2_init)
+
+    def update_fn(updates, state, params=None, *, value=None, **extra_args):
+        del extra_args
+        if params is not None:
+            chex.assert_trees_all_equal_shapes(updates, params)
+        loss = _loss_array(value, "alrc")
+        if loss.ndim != 0:
+            raise ValueError(
+                f"alrc expects value to be the scalar loss of the batch, got shape "
+                f"{loss.shape}. Pass loss.mean(), or use alrc_per_example() to cap "
+                "each example's loss."
+            )
+        if axis_name is not None:
+            loss = lax.pmean(loss, axis_name)
+        scale, capped = loss_scale(loss, state.threshold)
+        finite = jnp.isfinite(loss)
+        new_state = _advance(
+            rule,
+            state,
+            finite=finite,
+            batch_mean=jnp.where(capped, state.threshold, loss),
+            batch_var=jnp.zeros([], jnp.float32),
+            scale=scale,
+            num_losses=1,
+            num_clipped=capped.astype(jnp.int32),
+        )
+        return _zero_if_skipped(updates, finite, scale), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def alrc_per_example(
+    num_stddev: chex.Numeric = 3.0,
+    decay: chex.Numeric = 0.999,
+    *,
+    mu1_init: chex.Numeric | None = None,
+    mu2_init: chex.Numeric | None = None,
+    warmup_steps: int = 20,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Per-example ALRC, the paper's form for batches: each example's loss is capped.
+
+    Inside the loss function, :func:`cap_losses` caps every example's loss at the
+    threshold held in this transform's state (value unchanged below it; above it the
+    example's gradient is scaled by ``threshold / loss``). Then ``update`` receives
+    the raw per-example losses as ``value`` (any shape: examples, or examples x
+    tokens), recomputes the same caps, and folds the batch mean and variance of the
+    capped losses into the statistics (the moments of individual losses, as the
+    paper's batch means of :math:`L'` and :math:`L'^2`). The updates pass unchanged;
+    a non-finite loss anywhere in the batch zeroes them and leaves the statistics
+    untouched. Warm-up, scale invariance, float32 statistics, signed losses and
+    ``axis_name`` behave as in :func:`alrc`, which documents them.
+
+    Args:
+      num_stddev: :math:`n > 0`, how many standard deviations above the mean to cap.
+      decay: :math:`\beta \in (0, 1)`, the decay of the moving averages.
+      mu1_init: the paper's initial mean; give both inits or neither.
+      mu2_init: the paper's initial second raw moment, ``> mu1_init**2``.
+      warmup_steps: steps of warm-up when starting from data (ignored with inits).
+      axis_name: the ``pmap``/``shard_map`` axis over which the batch is split.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes the
+      per-example losses as ``value`` and whose state is an :class:`ALRCState`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import optax
+      >>> from optax_logdamp import alrc_per_example, cap_losses
+      >>> tx = optax.chain(alrc_per_example(), optax.sgd(0.1))
+      >>> params = jnp.ones(2)
+      >>> opt_state = tx.init(params)
+      >>> inputs = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+      >>> def loss_fn(params, opt_state):
+      ...   losses = (inputs @ params) ** 2              # one loss per example
+      ...   return cap_losses(losses, opt_state).mean(), losses
+      >>> (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      ...     params, opt_state)
+      >>> updates, opt_state = tx.update(grads, opt_state, params, value=losses)
+      >>> optax.tree.get(opt_state, "num_losses")
+      Array(3, dtype=int32)
+
+    References:
+      J. M. Ede and R. Beanland, `Adaptive Learning Rate Clipping Stabilizes
+      Learning <https://arxiv.org/abs/1906.09060>`_, 2020; code at
+      https://github.com/Jeffrey-Ede/ALRC.
+    """
+    rule = _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps)
+
+    def init_fn(params):
+        del params
+        return _init_state(rule, mu1_init, mu2_init)
+
+    def update_fn(updates, state, params=None, *, value=None, **extra_args):
+        del extra_args
+        if params is not None:
+            chex.assert_trees_all_equal_shapes(updates, params)
+        losses = _loss_array(value, "alrc_per_example")
+        if losses.size == 0:
+            raise ValueError("alrc_per_example: value holds no losses (size 0).")
+        scale, capped = loss_scale(losses, state.threshold)
+        capped_losses = jnp.where(capped, state.threshold, losses)
+        batch_mean = jnp.mean(capped_losses)
+        batch_var = jnp.mean(jnp.square(capped_losses - batch_mean))
+        mean_scale = jnp.mean(scale)
+        num_clipped = jnp.sum(capped, dtype=jnp.int32)
+        num_losses = jnp.asarray(losses.size, jnp.int32)
+        if axis_name is not None:  # exact global mean and variance of equal-sized shards
+            global_mean = lax.pmean(batch_mean, axis_name)
+            batch_var = lax.pmean(batch_var + jnp.square(batch_mean - global_mean), axis_name)
+            batch_mean = global_mean
+            mean_scale = lax.pmean(mean_scale, axis_name)
+            num_clipped = lax.psum(num_clipped, axis_name)
+            num_losses = lax.psum(num_losses, axis_name)
+        finite = jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
+        new_state = _advance(
+            rule,
+            state,
+            finite=finite,
+            batch_mean=batch_mean,
+            batch_var=batch_var,
+            scale=mean_scale,
+            num_losses=num_losses,
+            num_clipped=num_clipped,
+        )
+        return _zero_if_skipped(updates, finite), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _find_alrc_state(opt_state: Any) -> ALRCState:
+    found = [
+        node
+        for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ALRCState))
+        if isinstance(node, ALRCState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            "cap_losses needs exactly one ALRCState in the optimizer state (from "
+            f"alrc_per_example()), found {len(found)}. Pass the threshold explicitly: "
+            "cap_losses(losses, threshold)."
+        )
+    return found[0]
+
+
+def cap_losses(losses: jax.Array, state: Any) -> jax.Array:
+    r"""Caps each loss at the ALRC threshold, for use inside the loss function.
+
+    Each element :math:`L` becomes :math:`L \cdot \mathrm{sg}(\min(1, t / L))`: the
+    value is :math:`\min(L, t)` (for positive losses) and the gradient of a capped
+    loss is scaled by :math:`t / L`. Losses below the threshold, and all losses
+    before the first step when the statistics start from data, are unchanged.
+
+    Args:
+      losses: per-example (or per-token) losses, any shape.
+      state: the optimizer state holding exactly one :class:`ALRCState` (found
+        anywhere inside: chain, ``inject_hyperparams``, ``MultiSteps``), that
+        state itself, or the threshold as an array.
+
+    Returns:
+      The capped losses, same shape and dtype as ``losses``.
+    """
+    if isinstance(state, (jax.Array, float, int)) and not isinstance(state, ALRCState):
+        threshold = jnp.asarray(state, jnp.float32)
+    else:
+        alrc_state = state if isinstance(state, ALRCState) else _find_alrc_state(state)
+        threshold = alrc_state.threshold
+    losses = jnp.asarray(losses)
+    scale, _ = loss_scale(losses.astype(jnp.float32), threshold)
+    return losses * scale.astype(losses.dtype)
