@@ -6,11 +6,11 @@
 - :func:`logadam`: log dampening chained into Adam.
 """
 
+from optax_logdamp._aliases import logadam as logadam
 from optax_logdamp._alrc import ALRCState as ALRCState
 from optax_logdamp._alrc import alrc as alrc
 from optax_logdamp._alrc import alrc_per_example as alrc_per_example
 from optax_logdamp._alrc import cap_losses as cap_losses
-from optax_logdamp._aliases import logadam as logadam
 from optax_logdamp._dampening import dampen as dampen
 from optax_logdamp._dampening import log_dampen as log_dampen
 
