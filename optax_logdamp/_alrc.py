@@ -152,7 +152,12 @@ def _advance(rule, state, *, finite, batch_mean, batch_var, scale, num_losses, n
 def _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps) -> _Rule:
     """Validates concrete hyperparameters (tracers pass) and packs the rule."""
     check_positive("num_stddev", num_stddev)
-    check_open_unit_interval("decay", decay)
+    check_open_unit_interval(
+        "decay",
+        decay,
+        hint="(Under optax.inject_hyperparams with bfloat16 parameters, 0.999 rounds to 1: "
+        "pass hyperparam_dtype=jnp.float32.)",
+    )
     check_scalar("warmup_steps", warmup_steps)
     steps = as_float(warmup_steps)
     if steps is not None and not (steps >= 0 and steps == int(steps)):
@@ -200,10 +205,11 @@ def _init_state(rule: _Rule, mu1_init, mu2_init) -> ALRCState:
         var=var,
         threshold=jnp.asarray(_next_threshold(rule, zero_int, mean, var, zero_int), jnp.float32),
         scale=jnp.ones([], jnp.float32),
-        num_steps=zero_int,
-        num_losses=zero_int,
-        num_clipped=zero_int,
-        num_nonfinite=zero_int,
+        # Distinct buffers: one array in several fields cannot be donated to a jitted step.
+        num_steps=jnp.zeros([], jnp.int32),
+        num_losses=jnp.zeros([], jnp.int32),
+        num_clipped=jnp.zeros([], jnp.int32),
+        num_nonfinite=jnp.zeros([], jnp.int32),
     )
 
 
@@ -426,6 +432,8 @@ def alrc_per_example(
         mean_scale = jnp.mean(scale)
         num_clipped = jnp.sum(capped, dtype=jnp.int32)
         num_losses = jnp.asarray(losses.size, jnp.int32)
+        # Counted on the raw losses: a +inf loss is capped to a finite threshold above.
+        num_nonfinite = jnp.sum(~jnp.isfinite(losses), dtype=jnp.int32)
         if axis_name is not None:  # exact global mean and variance of equal-sized shards
             global_mean = lax.pmean(batch_mean, axis_name)
             batch_var = lax.pmean(batch_var + jnp.square(batch_mean - global_mean), axis_name)
@@ -433,7 +441,8 @@ def alrc_per_example(
             mean_scale = lax.pmean(mean_scale, axis_name)
             num_clipped = lax.psum(num_clipped, axis_name)
             num_losses = lax.psum(num_losses, axis_name)
-        finite = jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
+            num_nonfinite = lax.psum(num_nonfinite, axis_name)
+        finite = (num_nonfinite == 0) & jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
         new_state = _advance(
             rule,
             state,

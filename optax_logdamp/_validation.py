@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -34,7 +35,7 @@ def check_scalar(name: str, value: Any) -> None:
         return
     array = np.asarray(value)
     if array.ndim != 0 or not (
-        np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+        jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)
     ):
         raise ValueError(f"{name} must be a real scalar, got {value!r}.")
 
@@ -47,9 +48,9 @@ def check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
 
 
-def check_open_unit_interval(name: str, value: Any) -> None:
+def check_open_unit_interval(name: str, value: Any, hint: str = "") -> None:
     """Refuses a concrete hyperparameter outside the open interval (0, 1)."""
     check_scalar(name, value)
     number = as_float(value)
     if number is not None and not (0.0 < number < 1.0):
-        raise ValueError(f"{name} must lie strictly between 0 and 1, got {value!r}.")
+        raise ValueError(f"{name} must lie strictly between 0 and 1, got {value!r}. {hint}".strip())

@@ -1,0 +1,65 @@
+"""logadam: log dampening chained into Adam (SPEC 1.3)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from optax_logdamp import log_dampen, logadam
+
+
+def run(tx, num_steps=8, dtype=jnp.float32):
+    params = {"w": jnp.linspace(-1, 1, 12, dtype=dtype).reshape(3, 4), "b": jnp.ones(4, dtype)}
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p, value=jnp.float32(1.0)))
+    for i in range(num_steps):
+        magnitude = 10.0 ** (i % 4)
+        grads = jax.tree.map(lambda p, m=magnitude: (p * m + 0.3).astype(p.dtype), params)
+        updates, state = step(params, state, grads)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"b1": 0.8, "b2": 0.99, "eps": 1e-6, "eps_root": 1e-10},
+        {"nesterov": True},
+        {"mu_dtype": jnp.bfloat16},
+        {"dampen_scale": 0.01},
+    ],
+)
+def test_equals_chain_of_log_dampen_and_adam(kwargs):
+    scale = kwargs.pop("dampen_scale", 1.0)
+    got = run(logadam(1e-2, dampen_scale=scale, **kwargs))
+    expected = run(optax.chain(log_dampen(scale), optax.adam(1e-2, **kwargs)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, expected)
+
+
+def test_learning_rate_schedule():
+    schedule = optax.linear_schedule(1e-2, 1e-4, 8)
+    got = run(logadam(schedule))
+    expected = run(optax.chain(log_dampen(), optax.adam(schedule)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, expected)
+    assert not np.allclose(run(logadam(1e-2))["b"], got["b"])
+
+
+def test_inject_hyperparams_and_bfloat16_params():
+    # float32 hyperparameters: in bfloat16, b2 = 0.999 rounds to 1 and optax.adam itself
+    # divides by zero (inject_hyperparams casts them to the parameter dtype by default).
+    tx = optax.inject_hyperparams(logadam, hyperparam_dtype=jnp.float32)(
+        learning_rate=1e-2, dampen_scale=0.5
+    )
+    got = run(tx, dtype=jnp.bfloat16)
+    expected = run(logadam(1e-2, dampen_scale=0.5), dtype=jnp.bfloat16)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2)
+
+
+def test_is_extra_args_and_differs_from_plain_adam():
+    tx = logadam(1e-2)
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    assert not np.allclose(run(tx)["w"], run(optax.adam(1e-2))["w"])
