@@ -14,3 +14,10 @@ if "xla_force_host_platform_device_count" not in _flags:
 # optax itself relies on standard promotion (``decay**count`` mixes float and
 # int32), so strict promotion is switched on per test for this library's own code
 # (``jax.numpy_dtype_promotion("strict")``), not globally.
+
+import hypothesis  # noqa: E402
+
+# CI runs derandomized so that a red build is reproducible; locally, explore.
+hypothesis.settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis.settings.load_profile("ci")
