@@ -4,6 +4,7 @@
 - :func:`alrc`: adaptive learning rate clipping of the loss (Ede & Beanland).
 - :func:`alrc_per_example` and :func:`cap_losses`: ALRC applied to each example.
 - :func:`logadam`: log dampening chained into Adam.
+- :func:`alrc_diagnostics`: the ALRC statistics of an optimizer state, for logging.
 """
 
 from optax_logdamp._aliases import logadam as logadam
@@ -13,12 +14,14 @@ from optax_logdamp._alrc import alrc_per_example as alrc_per_example
 from optax_logdamp._alrc import cap_losses as cap_losses
 from optax_logdamp._dampening import dampen as dampen
 from optax_logdamp._dampening import log_dampen as log_dampen
+from optax_logdamp._diagnostics import alrc_diagnostics as alrc_diagnostics
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALRCState",
     "alrc",
+    "alrc_diagnostics",
     "alrc_per_example",
     "cap_losses",
     "dampen",

@@ -1,0 +1,110 @@
+"""Diagnostics for logging: the ALRC statistics of an optimizer state as scalars."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optax_logdamp._alrc import ALRCState
+
+
+def _is_alrc_state(node: Any) -> bool:
+    return isinstance(node, ALRCState)
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    """A path in a tree as ``a/b/0``: attribute names, dict keys and indices."""
+    parts = []
+    for key in path:
+        for attribute in ("name", "key", "idx"):  # GetAttrKey, DictKey, SequenceKey
+            if hasattr(key, attribute):
+                parts.append(str(getattr(key, attribute)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _state_diagnostics(state: ALRCState) -> dict[str, jax.Array]:
+    """The loggable scalars of one :class:`ALRCState`."""
+    field = {name: jnp.asarray(value) for name, value in state._asdict().items()}
+    num_losses = field["num_losses"]
+    clip_rate = jnp.where(
+        num_losses > 0,
+        field["num_clipped"].astype(jnp.float32) / jnp.maximum(num_losses, 1),
+        0.0,
+    )
+    return {
+        "threshold": field["threshold"],
+        "scale": field["scale"],
+        "num_clipped": field["num_clipped"],
+        "clip_rate": clip_rate.astype(jnp.float32),
+        "mean": field["mean"],
+        "std": jnp.sqrt(jnp.maximum(field["var"], 0.0)),
+        "num_steps": field["num_steps"],
+        "num_nonfinite": field["num_nonfinite"],
+    }
+
+
+def alrc_diagnostics(opt_state: Any) -> dict[str, jax.Array]:
+    """Finds every ALRC state in an optimizer state and returns its statistics as scalars.
+
+    The states are found anywhere in the tree: inside ``optax.chain``,
+    ``optax.inject_hyperparams``, ``optax.MultiSteps``, ``optax.masked``, a Flax
+    ``TrainState.opt_state`` or an ``nnx.Optimizer.opt_state``. For each state:
+
+    - ``threshold``: the cap for the next loss (``inf`` before any statistics);
+    - ``scale``: the gradient factor of the last step (mean over examples for
+      :func:`~optax_logdamp.alrc_per_example`; 0 after a skipped step);
+    - ``num_clipped`` and ``clip_rate``: losses capped so far, and their fraction of
+      the losses seen (0 before any);
+    - ``mean`` and ``std``: the running mean and standard deviation of the capped loss;
+    - ``num_steps`` and ``num_nonfinite``: steps taken, and steps skipped for a
+      non-finite loss.
+
+    With one ALRC state the keys are these names; with several each is prefixed by
+    the state's path in the tree, e.g. ``"0/threshold"`` and ``"1/inner_state/threshold"``.
+    The values are scalar arrays: the function works inside ``jit`` (return the dict
+    as an output) and outside (``float(value)`` or ``int(value)`` gives a number).
+
+    Args:
+      opt_state: an optimizer state, or any tree that holds ALRC states.
+
+    Returns:
+      A flat ``dict`` from names to scalar arrays.
+
+    Raises:
+      ValueError: if the tree holds no :class:`~optax_logdamp.ALRCState`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> from optax_logdamp import alrc, alrc_diagnostics, logadam
+      >>> tx = optax.chain(alrc(), logadam(1e-3))
+      >>> params = jnp.zeros(3)
+      >>> opt_state = tx.init(params)
+      >>> _, opt_state = tx.update(jnp.ones(3), opt_state, params, value=2.0)
+      >>> {name: float(value) for name, value in alrc_diagnostics(opt_state).items()}
+      {'threshold': 8.0, 'scale': 1.0, 'num_clipped': 0.0, 'clip_rate': 0.0, 'mean': 2.0,
+       'std': 0.0, 'num_steps': 1.0, 'num_nonfinite': 0.0}
+    """
+    found = [
+        (path, node)
+        for path, node in jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_alrc_state)[0]
+        if _is_alrc_state(node)
+    ]
+    if not found:
+        raise ValueError(
+            "alrc_diagnostics found no ALRCState in the optimizer state: build the optimizer "
+            "with alrc() or alrc_per_example(), e.g. optax.chain(alrc(), logadam(1e-3))."
+        )
+    if len(found) == 1:
+        return _state_diagnostics(found[0][1])
+    diagnostics = {}
+    for path, state in found:
+        prefix = _path_name(path)
+        for name, value in _state_diagnostics(state).items():
+            diagnostics[f"{prefix}/{name}"] = value
+    return diagnostics
