@@ -213,8 +213,24 @@ def _init_state(rule: _Rule, mu1_init, mu2_init) -> ALRCState:
     )
 
 
-def _loss_array(value: Any, transform: str) -> jax.Array:
-    """The ``value`` extra argument as a float32 array, with a clear error if absent."""
+def _init_fn(rule: _Rule, mu1_init, mu2_init):
+    """The ``init`` of both transforms: the state does not depend on the params."""
+
+    def init_fn(params):
+        del params
+        return _init_state(rule, mu1_init, mu2_init)
+
+    return init_fn
+
+
+def _loss_array(value: Any, transform: str, updates, params) -> jax.Array:
+    """The ``value`` extra argument as a float32 array, with a clear error if absent.
+
+    Also checks at trace time that ``updates`` has the structure and shapes of
+    ``params`` (when given), since a mismatch would silently mis-scale updates.
+    """
+    if params is not None:
+        chex.assert_trees_all_equal_shapes(updates, params)
     if value is None:
         raise TypeError(
             f"{transform} needs the loss of this step. Pass it as the keyword argument "
@@ -322,15 +338,9 @@ def alrc(
     """
     rule = _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps)
 
-    def init_fn(params):
-        del params
-        return _init_state(rule, mu1_init, mu2_init)
-
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         del extra_args
-        if params is not None:
-            chex.assert_trees_all_equal_shapes(updates, params)
-        loss = _loss_array(value, "alrc")
+        loss = _loss_array(value, "alrc", updates, params)
         if loss.ndim != 0:
             raise ValueError(
                 f"alrc expects value to be the scalar loss of the batch, got shape "
@@ -353,7 +363,7 @@ def alrc(
         )
         return _zero_if_skipped(updates, finite, scale), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(_init_fn(rule, mu1_init, mu2_init), update_fn)
 
 
 def alrc_per_example(
@@ -414,15 +424,9 @@ def alrc_per_example(
     """
     rule = _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps)
 
-    def init_fn(params):
-        del params
-        return _init_state(rule, mu1_init, mu2_init)
-
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         del extra_args
-        if params is not None:
-            chex.assert_trees_all_equal_shapes(updates, params)
-        losses = _loss_array(value, "alrc_per_example")
+        losses = _loss_array(value, "alrc_per_example", updates, params)
         if losses.size == 0:
             raise ValueError("alrc_per_example: value holds no losses (size 0).")
         scale, capped = loss_scale(losses, state.threshold)
@@ -455,7 +459,7 @@ def alrc_per_example(
         )
         return _zero_if_skipped(updates, finite), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(_init_fn(rule, mu1_init, mu2_init), update_fn)
 
 
 def _find_alrc_state(opt_state: Any) -> ALRCState:
