@@ -1,0 +1,274 @@
+"""Step-overhead benchmark: what each transform costs per optimizer step, against Adam.
+
+For each model size, every contender runs the same jitted step, ``opt.update`` then
+``optax.apply_updates``, with the parameters and the optimizer state donated (updated
+in place, as in a real training loop), on the same pytree of several leaves (an MLP:
+three dense layers, their biases and a layer-norm scale) and the same gradients.
+Each step is compiled ahead of time (compile time reported), warmed up, then timed
+with ``jax.block_until_ready``. The contenders are interleaved round-robin in one
+process, in a rotating order, so that machine noise hits all of them alike; the table
+gives the median ms/step and its ratio to ``optax.adam``: to the faster of the two
+identical Adam runners (``adam`` and ``adam (control)``), since on a shared machine
+two runners of the same step can differ by 10-25 % (buffer placement), and the faster
+one is the conservative reference for an overhead.
+
+Contenders: ``adam`` and ``adam (control)``, the same step twice, whose ratios show
+the noise floor of the run; ``logadam``; ``alrc+adam``; ``alrc+logadam``; per-example ALRC
+(``alrc_per_example`` + adam, fed a vector of per-example losses); and
+``clip_by_global_norm+adam``. ``naive_logdamp+adam`` is a reference row: the
+straightforward ``sign(g) * log1p(|g|)`` as an ``optax.stateless`` transform before
+Adam, the formulation this package's ``log_dampen`` replaces.
+
+Also reported: the optimizer-state bytes (and the extra bytes over Adam) and the
+achieved bandwidth against the bytes a fused step must move at least: g, m, v and p
+read and m, v and p written once, ``7 * 4 * N`` bytes for float32 (the roofline on a
+GPU). On a GPU the step runs there (code path not yet run on one).
+
+Usage::
+
+  python benchmarks/step_overhead.py                      # 1M, 10M, 50M params
+  python benchmarks/step_overhead.py --sizes 1e6,1e7 --steps 50
+  python benchmarks/step_overhead.py --quick              # 1M only, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_logdamp import alrc, alrc_per_example, logadam
+
+LEARNING_RATE = 1e-3
+NUM_EXAMPLES = 256  # length of the per-example loss vector
+ROOFLINE_ARRAYS = 7  # g, m, v, p read; m, v, p written
+
+
+class Contender(NamedTuple):
+    """One optimizer in the race: its transform and the kind of ``value`` it takes."""
+
+    name: str
+    tx: optax.GradientTransformationExtraArgs
+    value: str  # "none", "scalar" (batch loss) or "vector" (per-example losses)
+
+
+def naive_log_dampen() -> optax.GradientTransformation:
+    """The straightforward ``sign(g) * log1p(|g|)``, as a reference row."""
+    return optax.stateless(lambda updates, params: jax.tree.map(_naive_leaf, updates))
+
+
+def _naive_leaf(g: jax.Array) -> jax.Array:
+    return jnp.sign(g) * jnp.log1p(jnp.abs(g))
+
+
+def contenders() -> list[Contender]:
+    """The transforms compared; the two Adam runners first (the reference)."""
+    adam = optax.adam(LEARNING_RATE)
+    return [
+        Contender("adam", adam, "none"),
+        Contender("adam (control)", optax.adam(LEARNING_RATE), "none"),
+        Contender("logadam", logadam(LEARNING_RATE), "none"),
+        Contender("alrc+adam", optax.chain(alrc(), adam), "scalar"),
+        Contender("alrc+logadam", optax.chain(alrc(), logadam(LEARNING_RATE)), "scalar"),
+        Contender("alrc_per_example+adam", optax.chain(alrc_per_example(), adam), "vector"),
+        Contender(
+            "clip_by_global_norm+adam", optax.chain(optax.clip_by_global_norm(1.0), adam), "none"
+        ),
+        Contender("naive_logdamp+adam", optax.chain(naive_log_dampen(), adam), "none"),
+    ]
+
+
+def make_params(num_params: int) -> dict[str, jax.Array]:
+    """An MLP-shaped pytree with about ``num_params`` float32 parameters.
+
+    Layers ``d -> 4d -> d -> d`` with biases and a layer-norm scale: ``9 d**2 + 7 d``.
+
+    Args:
+      num_params: the target number of parameters.
+
+    Returns:
+      A dict of zero-initialised float32 arrays.
+    """
+    d = max(1, int(math.sqrt(num_params / 9)))
+    shapes = {
+        "dense1/kernel": (d, 4 * d),
+        "dense1/bias": (4 * d,),
+        "dense2/kernel": (4 * d, d),
+        "dense2/bias": (d,),
+        "dense3/kernel": (d, d),
+        "dense3/bias": (d,),
+        "norm/scale": (d,),
+    }
+    return {name: jnp.zeros(shape, jnp.float32) for name, shape in shapes.items()}
+
+
+def make_grads(params: dict[str, jax.Array], seed: int = 0) -> dict[str, jax.Array]:
+    """Gaussian gradients with a heavy tail (one element in 1000 is 1000x larger)."""
+    keys = jax.random.split(jax.random.key(seed), len(params))
+    grads = {}
+    for key, (name, p) in zip(keys, params.items(), strict=True):
+        k1, k2 = jax.random.split(key)
+        spikes = jnp.where(jax.random.uniform(k2, p.shape) < 1e-3, 1e3, 1.0)
+        grads[name] = 1e-3 * jax.random.normal(k1, p.shape) * spikes
+    return grads
+
+
+def tree_bytes(tree: Any) -> int:
+    """Total bytes of the arrays in a pytree."""
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def make_value(kind: str) -> jax.Array | None:
+    """The ``value`` extra argument: none, a scalar loss or per-example losses."""
+    if kind == "none":
+        return None
+    if kind == "scalar":
+        return jnp.float32(1.0)
+    return jnp.linspace(0.5, 1.5, NUM_EXAMPLES, dtype=jnp.float32)
+
+
+def make_step(tx: optax.GradientTransformationExtraArgs) -> Callable:
+    """The jitted step, parameters and state donated."""
+
+    def step(params, opt_state, grads, value):
+        kwargs = {} if value is None else {"value": value}
+        updates, opt_state = tx.update(grads, opt_state, params, **kwargs)
+        return optax.apply_updates(params, updates), opt_state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+class Runner:
+    """One contender at one size: compiled step, live buffers, timings."""
+
+    def __init__(self, contender: Contender, params, grads):
+        self.name = contender.name
+        self.params = jax.tree.map(jnp.copy, params)
+        self.state = contender.tx.init(self.params)
+        self.state_bytes = tree_bytes(self.state)
+        self.grads = grads
+        self.value = make_value(contender.value)
+        start = time.perf_counter()
+        lowered = make_step(contender.tx).lower(self.params, self.state, grads, self.value)
+        self.compiled = lowered.compile()
+        self.compile_s = time.perf_counter() - start
+        self.times: list[float] = []
+
+    def run(self, record: bool) -> None:
+        """One step; its wall time is recorded if ``record``."""
+        start = time.perf_counter()
+        self.params, self.state = self.compiled(self.params, self.state, self.grads, self.value)
+        jax.block_until_ready((self.params, self.state))
+        if record:
+            self.times.append(time.perf_counter() - start)
+
+    def release(self) -> None:
+        self.params = self.state = self.compiled = None
+
+
+def race(runners: Sequence[Runner], steps: int, warmup: int) -> None:
+    """Interleaves the runners round-robin; the order rotates every round."""
+    for round_index in range(warmup + steps):
+        shift = round_index % len(runners)
+        for runner in list(runners[shift:]) + list(runners[:shift]):
+            runner.run(record=round_index >= warmup)
+
+
+def benchmark_size(num_params: int, steps: int, warmup: int, names: Sequence[str] | None):
+    """Runs every contender at one size; returns (actual parameter count, rows)."""
+    params = make_params(num_params)
+    grads = make_grads(params)
+    chosen = [
+        c for c in contenders() if names is None or c.name in names or c.name.startswith("adam")
+    ]
+    runners = [Runner(c, params, grads) for c in chosen]
+    race(runners, steps, warmup)
+    n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    adam = runners[0]
+    adam_ms = min(statistics.median(r.times) for r in runners if r.name.startswith("adam")) * 1e3
+    rows = []
+    for runner in runners:
+        ms = statistics.median(runner.times) * 1e3
+        moved = ROOFLINE_ARRAYS * tree_bytes(params)
+        rows.append(
+            {
+                "name": runner.name,
+                "ms": ms,
+                "ratio": ms / adam_ms,
+                "min_ms": min(runner.times) * 1e3,
+                "compile_s": runner.compile_s,
+                "state_bytes": runner.state_bytes,
+                "extra_bytes": runner.state_bytes - adam.state_bytes,
+                "gbps": moved / (ms * 1e-3) / 1e9,
+            }
+        )
+        runner.release()
+    return n, rows
+
+
+def machine_line() -> str:
+    """Backend, device and host, for the table header."""
+    device = jax.devices()[0]
+    return (
+        f"backend={jax.default_backend()} device={device.device_kind} "
+        f"host_cpus={os.cpu_count()} {platform.machine()} jax={jax.__version__} "
+        f"optax={optax.__version__}"
+    )
+
+
+def format_table(n: int, rows: Sequence[dict], steps: int) -> str:
+    """A markdown table for one size."""
+    lines = [
+        f"\n### {n / 1e6:.2f}M parameters ({steps} timed steps, median)\n",
+        "| contender | ms/step | x adam | min ms | compile s | state bytes | extra bytes "
+        "| GB/s vs 28N B |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['ms']:.3f} | {r['ratio']:.3f} | {r['min_ms']:.3f} "
+            f"| {r['compile_s']:.2f} | {r['state_bytes']:,} | {r['extra_bytes']:,} "
+            f"| {r['gbps']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="1e6,1e7,5e7", help="comma-separated param counts")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per contender")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per contender")
+    parser.add_argument("--only", default=None, help="comma-separated contenders (+ adams)")
+    parser.add_argument("--quick", action="store_true", help="1M params, 20 steps")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.steps, args.warmup = "1e6", 20, 3
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs the benchmark and prints one table per size."""
+    args = parse_args(argv)
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    names = None if args.only is None else args.only.split(",")
+    print("# Step overhead: jitted update + apply_updates, donated params and state")
+    print(machine_line())
+    if jax.default_backend() != "cpu":
+        print("(accelerator path: written for GPU, not yet run on one)")
+    for size in sizes:
+        n, rows = benchmark_size(size, args.steps, args.warmup, names)
+        print(format_table(n, rows, args.steps), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Smoke test of benchmarks/step_overhead.py: it runs and prints its table (no timings checked)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
+CONTENDERS = [
+    "adam",
+    "logadam",
+    "alrc+adam",
+    "alrc+logadam",
+    "alrc_per_example+adam",
+    "clip_by_global_norm+adam",
+]
+
+
+def test_step_overhead_prints_a_row_per_contender():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--sizes", "2e4", "--steps", "2", "--warmup", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("| contender | ms/step | x adam") for line in lines), result.stdout
+    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ")}
+    for name in CONTENDERS:
+        assert name in rows, f"no row for {name}:\n{result.stdout}"
+    # The reference is the faster of the two identical Adam runners.
+    adam_ratios = [float(rows[name].split("|")[3]) for name in ("adam", "adam (control)")]
+    assert min(adam_ratios) == 1.0 and max(adam_ratios) >= 1.0, adam_ratios
+    assert rows["adam"].split("|")[7].strip() == "0"  # no extra state bytes over itself
+    for name in CONTENDERS:
+        cells = [cell.strip() for cell in rows[name].split("|")[1:-1]]
+        assert float(cells[1]) > 0 and float(cells[4]) > 0  # ms/step, compile seconds
+    # Every contender's state is Adam's plus O(1) scalars.
+    for name in CONTENDERS:
+        extra = int(rows[name].split("|")[7].strip().replace(",", ""))
+        assert 0 <= extra <= 64, rows[name]
