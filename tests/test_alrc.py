@@ -163,9 +163,18 @@ def test_non_finite_loss_skips_the_step_and_keeps_statistics(bad, mode):
     )
 
 
+normal_f32 = st.floats(
+    min_value=float(np.float32(-1e30)),
+    max_value=float(np.float32(1e30)),
+    width=32,
+    allow_nan=False,
+    allow_subnormal=False,
+)
+
+
 @hypothesis.given(
-    loss=st.floats(-1e30, 1e30, allow_nan=False, allow_subnormal=False),
-    threshold=st.floats(-1e30, 1e30, allow_nan=False, allow_subnormal=False) | st.just(np.inf),
+    loss=normal_f32,
+    threshold=normal_f32 | st.just(np.inf),
 )
 @hypothesis.settings(deadline=None, max_examples=400)
 def test_scale_is_always_in_unit_interval(loss, threshold):
