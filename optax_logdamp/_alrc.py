@@ -67,10 +67,10 @@ def loss_scale(loss: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Ar
     A positive loss above the threshold is capped: its gradient is multiplied by
     ``threshold / loss``, clamped to ``[0, 1]`` so that ALRC never amplifies a
     gradient nor flips its sign (a threshold ``<= 0`` gives 0: the step is dropped).
-    A loss ``<= 0`` is never capped: scaling cannot cap it. Non-finite losses give
-    factor 1 here; the callers skip such steps.
+    A loss ``<= 0`` is never capped: scaling cannot cap it. Non-finite losses are
+    not capped either (factor 1), so they stay non-finite and the callers skip them.
     """
-    capped = (loss > threshold) & (loss > 0)
+    capped = (loss > threshold) & (loss > 0) & jnp.isfinite(loss)
     safe_loss = jnp.where(capped, loss, 1.0)
     scale = jnp.where(capped, jnp.clip(threshold / safe_loss, 0.0, 1.0), 1.0)
     return lax.stop_gradient(scale), lax.stop_gradient(capped)
@@ -194,16 +194,16 @@ def _init_state(rule: _Rule, mu1_init, mu2_init) -> ALRCState:
         mu1 = as_float(mu1_init)
         mu2 = as_float(mu2_init)
         if mu1 is not None and mu2 is not None:  # exact variance, then one rounding
-            mean, var = jnp.float32(mu1), jnp.float32(mu2 - mu1 * mu1)
+            mean = jnp.asarray(mu1, jnp.float32)
+            var = jnp.asarray(mu2 - mu1 * mu1, jnp.float32)
         else:
             mean = jnp.asarray(mu1_init, jnp.float32)
             var = jnp.asarray(mu2_init, jnp.float32) - jnp.square(mean)
-        mean, var = jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32)
     return ALRCState(
         count=zero_int,
         mean=mean,
         var=var,
-        threshold=jnp.asarray(_next_threshold(rule, zero_int, mean, var, zero_int), jnp.float32),
+        threshold=_next_threshold(rule, zero_int, mean, var, zero_int),
         scale=jnp.ones([], jnp.float32),
         # Distinct buffers: one array in several fields cannot be donated to a jitted step.
         num_steps=jnp.zeros([], jnp.int32),
@@ -436,8 +436,6 @@ def alrc_per_example(
         mean_scale = jnp.mean(scale)
         num_clipped = jnp.sum(capped, dtype=jnp.int32)
         num_losses = jnp.asarray(losses.size, jnp.int32)
-        # Counted on the raw losses: a +inf loss is capped to a finite threshold above.
-        num_nonfinite = jnp.sum(~jnp.isfinite(losses), dtype=jnp.int32)
         if axis_name is not None:  # exact global mean and variance of equal-sized shards
             global_mean = lax.pmean(batch_mean, axis_name)
             batch_var = lax.pmean(batch_var + jnp.square(batch_mean - global_mean), axis_name)
@@ -445,8 +443,7 @@ def alrc_per_example(
             mean_scale = lax.pmean(mean_scale, axis_name)
             num_clipped = lax.psum(num_clipped, axis_name)
             num_losses = lax.psum(num_losses, axis_name)
-            num_nonfinite = lax.psum(num_nonfinite, axis_name)
-        finite = (num_nonfinite == 0) & jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
+        finite = jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
         new_state = _advance(
             rule,
             state,
@@ -462,19 +459,11 @@ def alrc_per_example(
     return optax.GradientTransformationExtraArgs(_init_fn(rule, mu1_init, mu2_init), update_fn)
 
 
-def _find_alrc_state(opt_state: Any) -> ALRCState:
-    found = [
-        node
-        for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ALRCState))
-        if isinstance(node, ALRCState)
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            "cap_losses needs exactly one ALRCState in the optimizer state (from "
-            f"alrc_per_example()), found {len(found)}. Pass the threshold explicitly: "
-            "cap_losses(losses, threshold)."
-        )
-    return found[0]
+def find_alrc_states(tree: Any) -> list[tuple[tuple[Any, ...], ALRCState]]:
+    """Every :class:`ALRCState` in ``tree`` (an optimizer state), with its key path."""
+    is_state = lambda node: isinstance(node, ALRCState)  # noqa: E731
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_state)
+    return [(path, node) for path, node in leaves if is_state(node)]
 
 
 def cap_losses(losses: jax.Array, state: Any) -> jax.Array:
@@ -494,11 +483,17 @@ def cap_losses(losses: jax.Array, state: Any) -> jax.Array:
     Returns:
       The capped losses, same shape and dtype as ``losses``.
     """
-    if isinstance(state, (jax.Array, float, int)) and not isinstance(state, ALRCState):
+    if isinstance(state, (jax.Array, float, int)):
         threshold = jnp.asarray(state, jnp.float32)
     else:
-        alrc_state = state if isinstance(state, ALRCState) else _find_alrc_state(state)
-        threshold = alrc_state.threshold
+        found = find_alrc_states(state)
+        if len(found) != 1:
+            raise ValueError(
+                "cap_losses needs exactly one ALRCState in the optimizer state (from "
+                f"alrc_per_example()), found {len(found)}. Pass the threshold explicitly: "
+                "cap_losses(losses, threshold)."
+            )
+        threshold = found[0][1].threshold
     losses = jnp.asarray(losses)
     scale, _ = loss_scale(losses.astype(jnp.float32), threshold)
     return losses * scale.astype(losses.dtype)

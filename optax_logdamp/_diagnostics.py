@@ -7,11 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_logdamp._alrc import ALRCState
-
-
-def _is_alrc_state(node: Any) -> bool:
-    return isinstance(node, ALRCState)
+from optax_logdamp._alrc import ALRCState, find_alrc_states
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
@@ -90,11 +86,7 @@ def alrc_diagnostics(opt_state: Any) -> dict[str, jax.Array]:
       {'threshold': 8.0, 'scale': 1.0, 'num_clipped': 0.0, 'clip_rate': 0.0, 'mean': 2.0,
        'std': 0.0, 'num_steps': 1.0, 'num_nonfinite': 0.0}
     """
-    found = [
-        (path, node)
-        for path, node in jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_alrc_state)[0]
-        if _is_alrc_state(node)
-    ]
+    found = find_alrc_states(opt_state)
     if not found:
         raise ValueError(
             "alrc_diagnostics found no ALRCState in the optimizer state: build the optimizer "
