@@ -125,25 +125,25 @@ def _dampen_magnitude(magnitude: jax.Array, scale: jax.Array | float) -> jax.Arr
                 jnp.log(magnitude) - jnp.log(scale),
                 compressed,
             )
+        # log1p(x) <= x in exact arithmetic; the minimum keeps |out| <= |g| after rounding.
+        return jnp.minimum(scale * compressed, magnitude)
+
+    ratio = _ratio(magnitude, scale, concrete_scale)
+    if concrete_scale is not None and concrete_scale >= 1.0:
+        compressed, small_delta = _log1p_f32(ratio)
     else:
-        ratio = _ratio(magnitude, scale, concrete_scale)
-        if concrete_scale is not None and concrete_scale >= 1.0:
-            compressed, small_delta = _log1p_f32(ratio)
-        else:
-            # inf, or NaN from inf + (-inf) in the hi + lo product of a tiny scale.
-            overflow = ~(ratio < jnp.inf) & (magnitude < jnp.inf)
-            log_scale = math.log(concrete_scale) if concrete_scale is not None else jnp.log(scale)
-            compressed, small_delta = _log1p_f32(jnp.where(overflow, magnitude, ratio), overflow)
-            compressed = compressed - jnp.where(overflow, log_scale, 0.0)
-        out = jnp.minimum(scale * compressed, magnitude)
-        if concrete_scale != 1.0:
-            # Below sqrt(2) - 1, m + s * (log1p(r) - r) does not carry the two roundings
-            # of r = m * (1 / s) into the result (nor a flush of a subnormal r to zero).
-            near_identity = magnitude + scale * small_delta
-            out = jnp.where(ratio < _SQRT2_MINUS_1, jnp.minimum(near_identity, magnitude), out)
-        return out
-    # log1p(x) <= x in exact arithmetic; the minimum keeps |out| <= |g| after rounding.
-    return jnp.minimum(scale * compressed, magnitude)
+        # inf, or NaN from inf + (-inf) in the hi + lo product of a tiny scale.
+        overflow = ~(ratio < jnp.inf) & (magnitude < jnp.inf)
+        log_scale = math.log(concrete_scale) if concrete_scale is not None else jnp.log(scale)
+        compressed, small_delta = _log1p_f32(jnp.where(overflow, magnitude, ratio), overflow)
+        compressed = compressed - jnp.where(overflow, log_scale, 0.0)
+    out = jnp.minimum(scale * compressed, magnitude)  # |out| <= |g| after rounding
+    if concrete_scale != 1.0:
+        # Below sqrt(2) - 1, m + s * (log1p(r) - r) does not carry the two roundings
+        # of r = m * (1 / s) into the result (nor a flush of a subnormal r to zero).
+        near_identity = magnitude + scale * small_delta
+        out = jnp.where(ratio < _SQRT2_MINUS_1, jnp.minimum(near_identity, magnitude), out)
+    return out
 
 
 def _with_sign_of(magnitude: jax.Array, g: jax.Array) -> jax.Array:
