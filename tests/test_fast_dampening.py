@@ -12,12 +12,10 @@ from optax_logdamp import dampen, log_dampen, logadam
 
 F32 = np.finfo(np.float32)
 MAX_ULP = 2.0
-# A scale that is not a power of two adds the rounding of s * log1p(r) on top of
-# log1p's own (< 1 ulp): measured up to 2.6 ulp (the jnp.log1p formulation: 3.2 ulp,
-# and no digit at all where m / s fell below the smallest normal).
-MAX_ULP_ANY_SCALE = 3.0
+# Measured (jitted, 8M ratios in [0.4, 1e4] at 10 random scales): at most 0.8 ulp for
+# a power-of-two scale, 1.45 ulp for any other (the rounding of r = m / s remains).
 POWER_OF_TWO_SCALES = [1.0, 0.5, 2.0, 2.0**-10, 2.0**10]
-OTHER_SCALES = [3.0, 0.1, 1e-3, 7.0, 1e3]
+OTHER_SCALES = [3.0, 0.1, 1e-3, 7.0, 1e3, 1.7, 0.3, 1e-20]
 
 
 def _wide_inputs(num_random: int = 400_000) -> np.ndarray:
@@ -53,7 +51,8 @@ def test_within_two_ulp_of_float64_log1p(traced):
     g = np.concatenate([magnitudes, -magnitudes])
     run = jax.jit(dampen)
     for scale in POWER_OF_TWO_SCALES + OTHER_SCALES:
-        bound = MAX_ULP if scale in POWER_OF_TWO_SCALES else MAX_ULP_ANY_SCALE
+        # A power of two scales exactly: only log1p's own error (below 1 ulp) is left.
+        bound = 1.0 if scale in POWER_OF_TWO_SCALES else MAX_ULP
         got = np.asarray(run(g, jnp.float32(scale)) if traced else dampen(g, scale))
         want = _reference(g, scale)
         # XLA on CPU flushes subnormal inputs to zero: a flushed input may give zero.
@@ -72,7 +71,7 @@ def test_huge_magnitudes_with_small_scale_stay_finite_and_accurate():
     for scale in [0.5, 1e-3, 1e-20]:
         got = np.asarray(dampen(g, scale))
         assert np.all(np.isfinite(got))
-        assert np.max(_ulp_error(got, _reference(g, scale))) <= MAX_ULP_ANY_SCALE
+        assert np.max(_ulp_error(got, _reference(g, scale))) <= MAX_ULP
 
 
 def test_half_precision_rounds_the_float32_result_once():
