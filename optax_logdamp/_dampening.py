@@ -327,7 +327,10 @@ def log_dampen(scale: chex.Numeric = 1.0) -> optax.GradientTransformation:
     NaN stays NaN and infinities stay infinite: a broken step is not hidden (wrap the
     optimizer in :func:`optax.apply_if_finite` to skip such steps). Half-precision
     updates are dampened in float32 and rounded once; the dtype of every leaf is
-    kept. Complex updates keep their phase and have their modulus dampened.
+    kept. Complex updates keep their phase and have their modulus dampened. For
+    float32 updates every result is within 2 ulp of the float64 formula (within 1 ulp
+    when ``scale`` is a power of two, the default 1 included; XLA may flush a subnormal
+    input to zero).
 
     Args:
       scale: the knee :math:`s > 0`, in the units of the gradient. Gradients much
