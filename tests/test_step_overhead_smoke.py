@@ -37,11 +37,12 @@ def test_step_overhead_prints_a_row_per_contender():
     # The reference is the faster of the two identical Adam runners.
     adam_ratios = [float(rows[name].split("|")[3]) for name in ("adam", "adam (control)")]
     assert min(adam_ratios) == 1.0 and max(adam_ratios) >= 1.0, adam_ratios
-    assert rows["adam"].split("|")[7].strip() == "0"  # no extra state bytes over itself
+    assert rows["adam"].split("|")[8].strip() == "0"  # no extra state bytes over itself
     for name in CONTENDERS:
         cells = [cell.strip() for cell in rows[name].split("|")[1:-1]]
-        assert float(cells[1]) > 0 and float(cells[4]) > 0  # ms/step, compile seconds
+        assert float(cells[1]) > 0 and float(cells[5]) > 0  # ms/step, compile seconds
+        assert float(cells[3]) > 0  # paired ratio
     # Every contender's state is Adam's plus O(1) scalars.
     for name in CONTENDERS:
-        extra = int(rows[name].split("|")[7].strip().replace(",", ""))
+        extra = int(rows[name].split("|")[8].strip().replace(",", ""))
         assert 0 <= extra <= 64, rows[name]
