@@ -26,11 +26,18 @@ achieved bandwidth against the bytes a fused step must move at least: g, m, v an
 read and m, v and p written once, ``7 * 4 * N`` bytes for float32 (the roofline on a
 GPU). On a GPU the step runs there (code path not yet run on one).
 
+``--cpu-vector-width 512`` compiles every step, the Adam references included, with the
+per-computation XLA option ``xla_cpu_prefer_vector_width=512`` (what a user gets from
+``jax.jit(step, compiler_options={"xla_cpu_prefer_vector_width": 512})``): XLA's CPU
+backend otherwise asks LLVM for 256-bit vectors even on AVX-512 machines, which halves
+the throughput of the dampening arithmetic there.
+
 Usage::
 
   python benchmarks/step_overhead.py                      # 1M, 10M, 50M params
   python benchmarks/step_overhead.py --sizes 1e6,1e7 --steps 50
   python benchmarks/step_overhead.py --quick              # 1M only, a few seconds
+  python benchmarks/step_overhead.py --cpu-vector-width 512   # AVX-512 CPUs
 """
 
 from __future__ import annotations
@@ -153,7 +160,7 @@ def make_step(tx: optax.GradientTransformationExtraArgs) -> Callable:
 class Runner:
     """One contender at one size: compiled step, live buffers, timings."""
 
-    def __init__(self, contender: Contender, params, grads):
+    def __init__(self, contender: Contender, params, grads, compiler_options=None):
         self.name = contender.name
         self.params = jax.tree.map(jnp.copy, params)
         self.state = contender.tx.init(self.params)
@@ -162,7 +169,7 @@ class Runner:
         self.value = make_value(contender.value)
         start = time.perf_counter()
         lowered = make_step(contender.tx).lower(self.params, self.state, grads, self.value)
-        self.compiled = lowered.compile()
+        self.compiled = lowered.compile(compiler_options)
         self.compile_s = time.perf_counter() - start
         self.times: list[float] = []
 
@@ -186,14 +193,20 @@ def race(runners: Sequence[Runner], steps: int, warmup: int) -> None:
             runner.run(record=round_index >= warmup)
 
 
-def benchmark_size(num_params: int, steps: int, warmup: int, names: Sequence[str] | None):
+def benchmark_size(
+    num_params: int,
+    steps: int,
+    warmup: int,
+    names: Sequence[str] | None,
+    compiler_options: dict[str, Any] | None = None,
+):
     """Runs every contender at one size; returns (actual parameter count, rows)."""
     params = make_params(num_params)
     grads = make_grads(params)
     chosen = [
         c for c in contenders() if names is None or c.name in names or c.name.startswith("adam")
     ]
-    runners = [Runner(c, params, grads) for c in chosen]
+    runners = [Runner(c, params, grads, compiler_options) for c in chosen]
     race(runners, steps, warmup)
     n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     adam = runners[0]
@@ -258,6 +271,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per contender")
     parser.add_argument("--only", default=None, help="comma-separated contenders (+ adams)")
     parser.add_argument("--quick", action="store_true", help="1M params, 20 steps")
+    parser.add_argument(
+        "--cpu-vector-width",
+        type=int,
+        choices=(128, 256, 512),
+        default=None,
+        help="compile every step with xla_cpu_prefer_vector_width (default: XLA's, 256)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.steps, args.warmup = "1e6", 20, 3
@@ -271,10 +291,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     names = None if args.only is None else args.only.split(",")
     print("# Step overhead: jitted update + apply_updates, donated params and state")
     print(machine_line())
+    compiler_options = None
+    if args.cpu_vector_width is not None:
+        compiler_options = {"xla_cpu_prefer_vector_width": args.cpu_vector_width}
+        print(f"compiler_options={compiler_options} (every step, Adam included)")
     if jax.default_backend() != "cpu":
         print("(accelerator path: written for GPU, not yet run on one)")
     for size in sizes:
-        n, rows = benchmark_size(size, args.steps, args.warmup, names)
+        n, rows = benchmark_size(size, args.steps, args.warmup, names, compiler_options)
         print(format_table(n, rows, args.steps), flush=True)
 
 

@@ -12,6 +12,7 @@ SECTIONS = [
     "Per-example ALRC",
     "Checkpointing",
     "Logging diagnostics",
+    "Cost per step",
 ]
 
 

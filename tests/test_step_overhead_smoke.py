@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
 CONTENDERS = [
     "adam",
@@ -18,10 +20,11 @@ CONTENDERS = [
 ]
 
 
-def test_step_overhead_prints_a_row_per_contender():
+@pytest.mark.parametrize("extra", [[], ["--cpu-vector-width", "512"]], ids=["default", "wide"])
+def test_step_overhead_prints_a_row_per_contender(extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--sizes", "2e4", "--steps", "2", "--warmup", "1"],
+        [sys.executable, str(SCRIPT), "--sizes", "2e4", "--steps", "2", "--warmup", "1", *extra],
         capture_output=True,
         text=True,
         timeout=120,
@@ -30,6 +33,10 @@ def test_step_overhead_prints_a_row_per_contender():
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
+    wide_header = (
+        "compiler_options={'xla_cpu_prefer_vector_width': 512} (every step, Adam included)"
+    )
+    assert (wide_header in lines) == bool(extra), result.stdout
     assert any(line.startswith("| contender | ms/step | x adam") for line in lines), result.stdout
     rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ")}
     for name in CONTENDERS:
