@@ -71,7 +71,7 @@ def test_slope_one_at_origin(scale):
     assert float(dampen(jnp.float32(10 * scale), scale)) < 0.25 * 10 * scale
 
 
-@pytest.mark.parametrize("scale", [1.0, 0.5, 1e-3, 1e-30])
+@pytest.mark.parametrize("scale", [1.0, 0.5, 1e-3, 1e-20])
 def test_float32_max_stays_finite(scale):
     out = dampen(jnp.asarray([FLOAT32_MAX, -FLOAT32_MAX], jnp.float32), scale)
     expected = scale * (np.log(FLOAT32_MAX) - np.log(scale))
@@ -142,6 +142,22 @@ def test_non_float_updates_are_refused(dtype):
 def test_bad_scale_is_refused(scale):
     with pytest.raises(ValueError, match="scale"):
         log_dampen(scale)
+
+
+@pytest.mark.parametrize("scale", [1e-21, 1e-30, 1e21, 1e38, np.float32(1e-25)])
+def test_scale_outside_the_accurate_range_is_refused(scale):
+    for make in (log_dampen, lambda s: dampen(jnp.ones(3), s)):
+        with pytest.raises(ValueError, match=r"scale must lie in \[1e-20, 1e\+20\]"):
+            make(scale)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e20])
+def test_scales_at_the_ends_of_the_range_are_accepted(scale):
+    g = jnp.asarray([1e-30, 1e-10, 1.0, 1e10, 1e30], jnp.float32)
+    out = np.asarray(dampen(g, scale))
+    want = scale * np.log1p(np.float64(g) / np.float64(np.float32(scale)))
+    np.testing.assert_allclose(out, want, rtol=3e-7)
+    log_dampen(scale)
 
 
 def test_transform_on_a_tree_keeps_structure_dtypes_and_empty_state():
