@@ -198,6 +198,7 @@ def _scale_sum(
 
 
 def _is_power_of_two(value: float) -> bool:
+    """True for ``2.0 ** k``: then ``m / s`` and ``s * log1p`` are exact scalings."""
     return math.frexp(value)[0] == 0.5
 
 
@@ -209,8 +210,9 @@ def _dampen_magnitude(magnitude: jax.Array, scale: jax.Array | float) -> jax.Arr
     largest float; there ``log1p(m / s) = log(m) - log(s)`` to far below rounding. The
     guard is left out of the compiled step when ``scale`` is a concrete number ``>= 1``.
 
-    For float32 the result is within 2 ulp of the float64 formula for every scale
-    (below 1 ulp for a power of two, where the ratio and the product are exact).
+    For float32 the result is within 2 ulp of the float64 formula for every scale in
+    ``[MIN_SCALE, MAX_SCALE]`` (below 1 ulp for a power of two, where the ratio and
+    the product are exact).
     """
     concrete_scale = as_float(scale)
     if magnitude.dtype != jnp.float32:  # float64: XLA's own log1p, speed matters less
