@@ -15,6 +15,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def load_example(script):
+    if str(EXAMPLES) not in sys.path:  # as for ``python examples/<script>``: its helpers
+        sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(
         "example_" + script.removesuffix(".py"), EXAMPLES / script
     )
