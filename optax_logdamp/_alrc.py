@@ -23,6 +23,7 @@ from optax_logdamp._validation import (
     check_open_unit_interval,
     check_positive,
     check_scalar,
+    missing_value_error,
 )
 
 _PAPER_EPS = 1e-8  # added to the variance under the square root in the paper's rule
@@ -232,10 +233,7 @@ def _loss_array(value: Any, transform: str, updates, params) -> jax.Array:
     if params is not None:
         chex.assert_trees_all_equal_shapes(updates, params)
     if value is None:
-        raise TypeError(
-            f"{transform} needs the loss of this step. Pass it as the keyword argument "
-            "`value`: `updates, opt_state = tx.update(grads, opt_state, params, value=loss)`."
-        )
+        raise missing_value_error(transform)
     loss = jnp.asarray(value)
     if not (jnp.issubdtype(loss.dtype, jnp.floating) or jnp.issubdtype(loss.dtype, jnp.integer)):
         raise TypeError(f"{transform}: value must be a real loss, got dtype {loss.dtype}.")

@@ -54,3 +54,19 @@ def check_open_unit_interval(name: str, value: Any, hint: str = "") -> None:
     number = as_float(value)
     if number is not None and not (0.0 < number < 1.0):
         raise ValueError(f"{name} must lie strictly between 0 and 1, got {value!r}. {hint}".strip())
+
+
+def missing_value_error(transform: str) -> TypeError:
+    """The error for a transform that needs the loss as ``value`` and did not get it.
+
+    Flax Linen's own ``TrainState.apply_gradients`` is the usual cause: it calls
+    ``tx.update`` without extra arguments even when given ``value=loss``, so the
+    message names the fix for it, and NNX's spelling.
+    """
+    return TypeError(
+        f"{transform} needs the loss of this step. Pass it as the keyword argument "
+        "`value`: `updates, opt_state = tx.update(grads, opt_state, params, value=loss)`. "
+        "Flax Linen: `flax.training.train_state.TrainState.apply_gradients` drops `value` "
+        "(even when given), use `optax_logdamp.flax.TrainState`, a drop-in subclass that "
+        "passes it on. Flax NNX: `optimizer.update(model, grads, value=loss)`."
+    )
