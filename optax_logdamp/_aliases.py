@@ -6,7 +6,7 @@ import chex
 import jax.numpy as jnp
 import optax
 
-from optax_logdamp._dampening import log_dampen
+from optax_logdamp._dampening import _check_scale, log_dampen
 
 
 def logadam(
@@ -65,6 +65,8 @@ def logadam(
       Neural Networks: the LogAdam optimizer
       <https://torontoai.org/2018/03/31/a-magnetosphere-for-neural-networks/>`_, 2018.
     """
+    if not isinstance(dampen_scale, str):  # a string names a mode: log_dampen checks it
+        _check_scale(dampen_scale, "dampen_scale")
     return optax.chain(
         log_dampen(dampen_scale),
         optax.scale_by_adam(

@@ -70,3 +70,19 @@ def missing_value_error(transform: str) -> TypeError:
         "(even when given), use `optax_logdamp.flax.TrainState`, a drop-in subclass that "
         "passes it on. Flax NNX: `optimizer.update(model, grads, value=loss)`."
     )
+
+
+def check_inexact_leaves(transform: str, updates: Any) -> None:
+    """Refuses updates with a leaf that is not floating-point or complex, naming the leaf.
+
+    Runs at trace time (dtypes are static), so it costs nothing under ``jit``.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"{transform} expects floating-point or complex updates; the leaf "
+                f"updates{jax.tree_util.keystr(path)} has dtype {dtype}. Parameters that are "
+                "not trained (integer counters, buffers) can be left out of the optimizer with "
+                "optax.masked or optax.multi_transform."
+            )

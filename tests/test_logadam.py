@@ -63,3 +63,15 @@ def test_is_extra_args_and_differs_from_plain_adam():
     tx = logadam(1e-2)
     assert isinstance(tx, optax.GradientTransformationExtraArgs)
     assert not np.allclose(run(tx)["w"], run(optax.adam(1e-2))["w"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dampen_scale": 0.0}, r"^dampen_scale must be a finite number > 0"),
+        ({"dampen_scale": 1e30}, r"^dampen_scale must lie in \[1e-20, 1e\+20\]"),
+    ],
+)
+def test_bad_arguments_are_refused_under_their_own_names(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        logadam(1e-3, **kwargs)
