@@ -20,6 +20,7 @@ from jax import lax
 
 from optax_logdamp._validation import (
     as_float,
+    check_not_half_precision,
     check_open_unit_interval,
     check_positive,
     check_scalar,
@@ -151,8 +152,9 @@ def _advance(rule, state, *, finite, batch_mean, batch_var, scale, num_losses, n
 
 
 def _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps) -> _Rule:
-    """Validates concrete hyperparameters (tracers pass) and packs the rule."""
+    """Validates hyperparameters (values if concrete, dtypes always) and packs the rule."""
     check_positive("num_stddev", num_stddev)
+    check_not_half_precision("decay", decay)
     check_open_unit_interval(
         "decay",
         decay,

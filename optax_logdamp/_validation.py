@@ -48,6 +48,36 @@ def check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
 
 
+HALF_PRECISION_HINT = (
+    "Under optax.inject_hyperparams with bfloat16 or float16 parameters the "
+    "hyperparameters take the parameters' dtype, where 0.999 rounds to 1 (bfloat16) and "
+    "1e-8 to 0 (float16): pass hyperparam_dtype=jnp.float32."
+)
+
+
+def check_not_half_precision(name: str, value: Any) -> None:
+    """Refuses a hyperparameter held in bfloat16 or float16, concrete or traced.
+
+    Decay rates and epsilons lose their meaning there (0.999 becomes 1: Adam divides by
+    zero, ALRC's averages stop), and a traced value cannot be checked, so the dtype is
+    refused whatever the value: the only check that also works under ``jit``.
+    """
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(
+            f"{name} must be float32 or wider, got dtype {dtype}. {HALF_PRECISION_HINT}"
+        )
+
+
+def check_decay_rate(name: str, value: Any) -> None:
+    """Refuses an exponential decay rate outside ``[0, 1)`` or in half precision."""
+    check_scalar(name, value)
+    check_not_half_precision(name, value)
+    number = as_float(value)
+    if number is not None and not (0.0 <= number < 1.0):
+        raise ValueError(f"{name} must lie in [0, 1), got {value!r}.")
+
+
 def check_open_unit_interval(name: str, value: Any, hint: str = "") -> None:
     """Refuses a concrete hyperparameter outside the open interval (0, 1)."""
     check_scalar(name, value)

@@ -301,6 +301,8 @@ def test_bfloat16_hyperparameters_that_round_to_one_get_a_hint():
     tx = optax.inject_hyperparams(alrc)(decay=0.999)
     with pytest.raises(ValueError, match=r"hyperparam_dtype=jnp\.float32"):
         tx.init({"w": jnp.ones(2, jnp.bfloat16)})
+    with pytest.raises(ValueError, match=r"hyperparam_dtype=jnp\.float32"):  # traced: no value
+        jax.jit(tx.init)({"w": jnp.ones(2, jnp.bfloat16)})
     tx = optax.inject_hyperparams(alrc, hyperparam_dtype=jnp.float32)(decay=0.999)
     _, state = tx.update(jnp.ones(2), tx.init(jnp.ones(2, jnp.bfloat16)), value=1.0)
     assert np.isfinite(float(state.inner_state.mean))
