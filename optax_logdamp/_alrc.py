@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from optax_logdamp._docs import document_fields
 from optax_logdamp._validation import (
     as_float,
     check_not_half_precision,
@@ -31,10 +32,27 @@ _PAPER_EPS = 1e-8  # added to the variance under the square root in the paper's 
 _INT32_MAX = jnp.iinfo(jnp.int32).max
 
 
+@document_fields
 class ALRCState(NamedTuple):
     """State of :func:`alrc` and :func:`alrc_per_example`: loss statistics, diagnostics.
 
     Every field is a scalar array; the state is the same size whatever the model.
+    Counters saturate at the int32 maximum instead of wrapping around.
+
+    Attributes:
+      count: int32: steps folded into ``mean`` and ``var`` since the statistics
+        (re)started; a restart during warm-up sets it back to 1.
+      mean: float32: running mean of the capped loss.
+      var: float32: running variance of the capped loss.
+      threshold: float32: the cap for the NEXT loss, ``mean + num_stddev * std``
+        (``+inf`` before the first loss when the statistics start from the data).
+      scale: float32: the gradient factor applied at the last step, in ``[0, 1]``
+        (the mean over examples for :func:`alrc_per_example`; 0 after a skipped step).
+      num_steps: int32: steps with a finite loss.
+      num_losses: int32: losses seen in those steps (one per step for :func:`alrc`;
+        every example, or token, for :func:`alrc_per_example`).
+      num_clipped: int32: losses capped so far (examples for :func:`alrc_per_example`).
+      num_nonfinite: int32: steps skipped because the loss was not finite.
     """
 
     count: jax.Array  # shape=(), int32: steps folded into mean/var since they (re)started

@@ -1,5 +1,8 @@
 """Tests of batch-level ALRC (SPEC 1.2): the paper's rule, robustness, state, errors."""
 
+import collections
+import pydoc
+
 import chex
 import hypothesis
 import hypothesis.strategies as st
@@ -12,6 +15,7 @@ from _alrc_sequences import noisy_training_losses, run_losses
 
 from optax_logdamp import ALRCState, alrc
 from optax_logdamp._alrc import loss_scale
+from optax_logdamp._docs import document_fields
 
 
 def paper_reference(losses, num_stddev, decay, mu1, mu2):
@@ -224,6 +228,43 @@ def test_state_fields_and_tree_get_in_a_chain():
     assert float(optax.tree.get(state, "threshold")) == np.inf
     for leaf in jax.tree.leaves(state[0]):
         assert leaf.shape == ()
+
+
+FIELDS = (
+    "count",
+    "mean",
+    "var",
+    "threshold",
+    "scale",
+    "num_steps",
+    "num_losses",
+    "num_clipped",
+    "num_nonfinite",
+)
+
+
+def test_state_fields_are_documented_where_help_shows_them():
+    assert ALRCState._fields == FIELDS  # names and order are part of the checkpoint format
+    text = pydoc.render_doc(ALRCState, renderer=pydoc.plaintext)
+    assert "Alias for field number" not in text
+    for name in FIELDS:
+        doc = getattr(ALRCState, name).__doc__
+        assert doc.split(":")[0] in ("int32", "float32"), (name, doc)  # dtype first
+        assert f"{name}\n |      {doc}" in text  # under "Data descriptors", by help()
+        assert f"\n      {name}: {doc.split()[0]}" in ALRCState.__doc__  # Attributes: entry
+
+
+def test_a_state_field_without_an_attributes_entry_is_an_error():
+    def state_class(*fields):
+        cls = collections.namedtuple("Documented", fields)
+        cls.__doc__ = (
+            "A state.\n\n    Attributes:\n      a: the first field,\n        on two lines.\n"
+        )
+        return cls
+
+    assert document_fields(state_class("a")).a.__doc__ == "the first field, on two lines."
+    with pytest.raises(ValueError, match=r"\['b'\] have no entry under 'Attributes:'"):
+        document_fields(state_class("a", "b"))
 
 
 def test_missing_value_names_it_and_shows_the_fix():
