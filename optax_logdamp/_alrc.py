@@ -26,6 +26,7 @@ from optax_logdamp._validation import (
     check_positive,
     check_scalar,
     missing_value_error,
+    refuse_inside_multi_steps,
 )
 
 _PAPER_EPS = 1e-8  # added to the variance under the square root in the paper's rule
@@ -322,6 +323,13 @@ def alrc(
     :func:`jax.lax.pmean`; without it replicas would take different decisions and
     drift apart silently.
 
+    Gradient accumulation: put ``alrc`` outside :class:`optax.MultiSteps`,
+    ``optax.chain(alrc(), optax.MultiSteps(opt, k).gradient_transformation())``: it
+    then caps every micro-batch by its own loss before the gradients are averaged
+    (its statistics advance once per micro-batch). Inside, ``MultiSteps`` would keep
+    only the last micro-step's call, which sees only the last micro-batch's loss, so
+    ``update`` raises a ``ValueError`` there.
+
     Args:
       num_stddev: :math:`n > 0`, how many standard deviations above the mean to cap.
       decay: :math:`\beta \in (0, 1)`, the decay of the moving averages.
@@ -358,6 +366,7 @@ def alrc(
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         del extra_args
+        refuse_inside_multi_steps("alrc")  # it would see only the last micro-batch's loss
         loss = _loss_array(value, "alrc", updates, params)
         if loss.ndim != 0:
             raise ValueError(
@@ -405,6 +414,12 @@ def alrc_per_example(
     a non-finite loss anywhere in the batch zeroes them and leaves the statistics
     untouched. Warm-up, scale invariance, float32 statistics, signed losses and
     ``axis_name`` behave as in :func:`alrc`, which documents them.
+
+    Inside :class:`optax.MultiSteps`, :func:`cap_losses` still caps every micro-batch
+    (at the threshold of the last completed window), but the statistics learn only
+    from each window's last micro-batch; outside,
+    ``optax.chain(alrc_per_example(), optax.MultiSteps(opt, k).gradient_transformation())``,
+    they learn from all of them.
 
     Args:
       num_stddev: :math:`n > 0`, how many standard deviations above the mean to cap.

@@ -77,11 +77,13 @@ def test_last_scale_of_a_capped_step():
     "wrap",
     [
         lambda: optax.inject_hyperparams(alrc)(num_stddev=3.0),
-        lambda: optax.MultiSteps(optax.chain(alrc(), optax.sgd(0.1)), every_k_schedule=1),
+        lambda: optax.chain(
+            alrc(), optax.MultiSteps(optax.sgd(0.1), every_k_schedule=1).gradient_transformation()
+        ),
         lambda: optax.masked(alrc(), {"w": True, "b": False}),
         lambda: optax.chain(log_dampen(), optax.inject_hyperparams(alrc)(), optax.adam(1e-3)),
     ],
-    ids=["inject_hyperparams", "MultiSteps", "masked", "chain"],
+    ids=["inject_hyperparams", "MultiSteps_outside", "masked", "chain"],
 )
 def test_found_anywhere_with_the_values_of_a_bare_alrc(wrap):
     reference = bare_alrc_diagnostics()
