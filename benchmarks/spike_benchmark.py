@@ -17,9 +17,9 @@ Scenarios (each at batch size 1 and 8):
 Contenders share the model, the initial parameters, the data order and the corrupted
 steps of each seed. ``clip_by_global_norm`` gets its threshold from a small sweep on
 the clean ``mse_stable`` scenario (printed); every other method runs with its
-published defaults. The ZClip and skip-step baselines are implemented below as
-Optax transforms. Every training run of a contender is one jitted ``lax.scan``,
-vmapped over scenarios and seeds.
+published defaults. The ZClip and skip-step anchors are Optax transforms from
+``anchors.py``, shared with the language-model benchmark. Every training run of a
+contender is one jitted ``lax.scan``, vmapped over scenarios and seeds.
 
 Usage::
 
@@ -38,11 +38,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +50,9 @@ import optax
 from jax import lax
 
 import optax_logdamp as old
+
+from anchors import count_interventions, skip_step_on_spikes, zclip
+from reporting import machine_line, no_harm_verdict, paired_difference, smooth, summarize
 
 Params = dict[str, jax.Array]
 
@@ -122,141 +124,6 @@ def per_example_losses(params: Params, x, y, quartic: jax.Array) -> jax.Array:
     """Mean squared (``quartic == 0``) or mean quartic (``quartic == 1``) error per example."""
     squared = jnp.square(mlp(params, x) - y)
     return jnp.mean(squared * jnp.where(quartic > 0, squared, 1.0), axis=-1)
-
-
-# ---------------------------------------------------------------- baselines (documented)
-
-
-class ZClipState(NamedTuple):
-    """State of :func:`zclip`: running statistics of the global gradient norm."""
-
-    count: jax.Array  # shape=(), int32: norms seen
-    mean: jax.Array  # shape=(), float32: EMA (exact mean during warm-up) of the norm
-    var: jax.Array  # shape=(), float32: EMA (exact variance during warm-up) of the norm
-    num_clipped: jax.Array  # shape=(), int32: steps clipped
-
-
-def zclip(
-    alpha: float = 0.97, z_threshold: float = 2.5, warmup_steps: int = 25, eps: float = 1e-6
-) -> optax.GradientTransformation:
-    """ZClip-style z-score clipping of the global gradient norm (Kumar et al., 2025).
-
-    The first ``warmup_steps`` norms set the mean and variance exactly, unclipped.
-    Afterwards a norm with z-score ``z = (norm - mean) / std > z_threshold`` is
-    rescaled to ``mean + (z_threshold**2 / z) * std`` (ZClip's "adaptive scaling"),
-    and the statistics are updated with the (clipped) norm as ZClip does:
-    ``mean <- alpha*mean + (1-alpha)*norm``, ``var <- alpha*var + (1-alpha)*(norm-mean)**2``.
-
-    Args:
-      alpha: EMA decay of the statistics.
-      z_threshold: z-score above which the gradient is clipped.
-      warmup_steps: steps whose norms initialise the statistics.
-      eps: added to the standard deviation.
-
-    Returns:
-      An :class:`optax.GradientTransformation`.
-    """
-
-    def init_fn(params):
-        del params
-        zero, zero_int = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)
-        return ZClipState(zero_int, zero, zero, zero_int)
-
-    def update_fn(updates, state, params=None):
-        del params
-        norm = optax.tree.norm(updates).astype(jnp.float32)
-        std = jnp.sqrt(state.var)
-        z = (norm - state.mean) / (std + eps)
-        in_warmup = state.count < warmup_steps
-        clip = (~in_warmup) & (z > z_threshold)
-        threshold = state.mean + z_threshold**2 / jnp.where(clip, z, 1.0) * std
-        clipped_norm = jnp.where(clip, threshold, norm)
-        scale = jnp.where(clip, threshold / jnp.where(clip, norm, 1.0), 1.0)
-        # warm-up: Welford's exact mean and population variance of the first norms
-        n = state.count.astype(jnp.float32)
-        warm_mean = state.mean + (norm - state.mean) / (n + 1)
-        warm_var = (n * state.var + (norm - state.mean) * (norm - warm_mean)) / (n + 1)
-        ema_mean = alpha * state.mean + (1 - alpha) * clipped_norm
-        ema_var = alpha * state.var + (1 - alpha) * jnp.square(clipped_norm - ema_mean)
-        new_state = ZClipState(
-            count=optax.safe_increment(state.count),
-            mean=jnp.where(in_warmup, warm_mean, ema_mean),
-            var=jnp.where(in_warmup, warm_var, ema_var),
-            num_clipped=state.num_clipped + clip.astype(jnp.int32),
-        )
-        updates = jax.tree.map(lambda g: g * scale.astype(g.dtype), updates)
-        return updates, new_state
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-class SkipStepState(NamedTuple):
-    """State of :func:`skip_step_on_spikes`: the inner state and windows of history."""
-
-    inner: Any
-    losses: jax.Array  # shape=(window,), float32: last losses (ring buffer)
-    grad_norms: jax.Array  # shape=(window,), float32: last global gradient norms
-    count: jax.Array  # shape=(), int32: steps seen
-    num_skipped: jax.Array  # shape=(), int32
-
-
-def _band(history: jax.Array, valid: jax.Array, num_stddev: float) -> jax.Array:
-    """``mean + num_stddev * std`` of the valid entries (std at least 1e-6)."""
-    mean = jnp.mean(history, where=valid)
-    std = jnp.maximum(jnp.std(history, where=valid), 1e-6)
-    return mean + num_stddev * std
-
-
-def skip_step_on_spikes(
-    inner: optax.GradientTransformation, window: int = 128, num_stddev: float = 6.0
-) -> optax.GradientTransformationExtraArgs:
-    """Skips a step whose loss or gradient norm exceeds its rolling mean + 6 std.
-
-    The rule of Levanter's ``SkipStepConfig`` (after OLMo-core's ``SkipStepOptimizer``;
-    MaxText's ``skip_step_on_spikes`` is alike): mean and standard deviation over the
-    last ``window`` steps; once ``window // 2`` steps are known, a step whose loss or
-    global gradient norm is above the band (or not finite) gets zero updates and leaves
-    the inner optimizer's state untouched. Every step's loss and norm enter the
-    window, skipped or not, as in Levanter.
-
-    Args:
-      inner: the optimizer whose steps may be skipped.
-      window: how many past steps the statistics cover.
-      num_stddev: the band's width in standard deviations.
-
-    Returns:
-      An :class:`optax.GradientTransformationExtraArgs` taking the loss as ``value``.
-    """
-    inner = optax.with_extra_args_support(inner)
-
-    def init_fn(params):
-        zero, history = jnp.zeros([], jnp.int32), jnp.zeros([window], jnp.float32)
-        return SkipStepState(inner.init(params), history, history, zero, zero)
-
-    def update_fn(updates, state, params=None, *, value, **extra_args):
-        loss = jnp.asarray(value, jnp.float32)
-        norm = optax.tree.norm(updates).astype(jnp.float32)
-        valid = jnp.arange(window) < state.count
-        spike = (loss > _band(state.losses, valid, num_stddev)) | (
-            norm > _band(state.grad_norms, valid, num_stddev)
-        )
-        skip = ~jnp.isfinite(loss) | ((state.count >= window // 2) & spike)
-        new_updates, new_inner = inner.update(
-            updates, state.inner, params, value=value, **extra_args
-        )
-        updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
-        inner_state = jax.tree.map(lambda a, b: jnp.where(skip, a, b), state.inner, new_inner)
-        slot = state.count % window
-        new_state = SkipStepState(
-            inner=inner_state,
-            losses=state.losses.at[slot].set(loss),
-            grad_norms=state.grad_norms.at[slot].set(norm),
-            count=optax.safe_increment(state.count),
-            num_skipped=state.num_skipped + skip.astype(jnp.int32),
-        )
-        return updates, new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # ---------------------------------------------------------------------- contenders
@@ -370,22 +237,6 @@ def make_runs(
 # ------------------------------------------------------------------------ training
 
 
-def count_interventions(opt_state: Any) -> jax.Array:
-    """Losses capped (ALRC), norms clipped (ZClip) or steps skipped in a final state; -1 if none.
-
-    Found as the ``num_clipped`` / ``num_skipped`` fields of the states in the tree
-    (for ``alrc_per_example`` these count examples, not steps).
-    """
-    counted = (old.ALRCState, ZClipState, SkipStepState)
-    total = jnp.asarray(-1, jnp.int32)
-    for node in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, counted)):
-        if isinstance(node, (old.ALRCState, ZClipState)):
-            total = jnp.maximum(total, 0) + node.num_clipped
-        elif isinstance(node, SkipStepState):
-            total = jnp.maximum(total, 0) + node.num_skipped
-    return total
-
-
 def train_one(contender: Contender, data: Data, run: Runs) -> tuple[jax.Array, ...]:
     """One full training run (traced; vmapped over runs by :func:`train_many`).
 
@@ -434,46 +285,6 @@ def train_many(contender: Contender, data: Data, runs: Runs) -> tuple[np.ndarray
 # ------------------------------------------------------------------------ analysis
 
 
-def summarize(values: np.ndarray) -> str:
-    """``mean ± std`` over seeds, or how many runs diverged."""
-    finite = np.isfinite(values)
-    if not finite.any():
-        return "diverged"
-    text = (
-        f"{values[finite].mean():.5f} ± {values[finite].std(ddof=1) if finite.sum() > 1 else 0:.5f}"
-    )
-    if not finite.all():
-        text += f" ({(~finite).sum()} diverged)"
-    return text
-
-
-def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Mean paired difference ``a - b`` over seeds and its standard error."""
-    diff = a - b
-    stderr = float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
-    return float(np.mean(diff)), stderr
-
-
-def no_harm_verdict(diff: float, stderr: float) -> str:
-    """ "within noise", "better" or "WORSE": the paired difference against 2 standard errors."""
-    if not np.isfinite(diff):
-        return "WORSE"
-    if abs(diff) <= 2 * stderr:
-        return "within noise"
-    return "better" if diff < 0 else "WORSE"
-
-
-def machine_line() -> str:
-    """Platform, CPU count and library versions, for the record."""
-    device = jax.devices()[0]
-    return (
-        f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, jax {jax.__version__} ({device.platform}), "
-        f"optax {optax.__version__}, optax_logdamp {old.__version__}, "
-        f"Python {platform.python_version()}"
-    )
-
-
 def markdown_table(
     results: dict, batch_sizes: Sequence[int], contender_names: Sequence[str]
 ) -> str:
@@ -518,13 +329,6 @@ def target_report(results: dict, batch_sizes: Sequence[int]) -> str:
 
 
 # ---------------------------------------------------------------------------- figure
-
-
-def smooth(curve: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Means over consecutive windows of ``width`` steps (keeps spikes visible)."""
-    usable = (len(curve) // width) * width
-    means = curve[:usable].reshape(-1, width).mean(axis=1)
-    return np.arange(len(means)) * width + width / 2, means
 
 
 def plot(curves: dict, results: dict, batch_sizes, contender_names, path: str) -> None:

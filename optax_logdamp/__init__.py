@@ -1,7 +1,8 @@
 """optax_logdamp: spike-proof training for JAX, as composable Optax transforms.
 
 - :func:`log_dampen`: every gradient element ``g`` becomes ``s*sign(g)*log1p(|g|/s)``.
-- :func:`alrc`: adaptive learning rate clipping of the loss (Ede & Beanland).
+- :func:`alrc`: adaptive learning rate clipping of the loss or the gradient norm
+  (Ede & Beanland).
 - :func:`alrc_per_example` and :func:`cap_losses`: ALRC applied to each example.
 - :func:`logadam`: log dampening chained into Adam.
 - :func:`alrc_diagnostics`: the ALRC statistics of an optimizer state, for logging,
@@ -9,6 +10,7 @@
 """
 
 from optax_logdamp._aliases import logadam as logadam
+from optax_logdamp._alrc import ALRCSignalsState as ALRCSignalsState
 from optax_logdamp._alrc import ALRCState as ALRCState
 from optax_logdamp._alrc import alrc as alrc
 from optax_logdamp._alrc import alrc_per_example as alrc_per_example
@@ -21,6 +23,7 @@ from optax_logdamp._diagnostics import to_python_numbers as to_python_numbers
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALRCSignalsState",
     "ALRCState",
     "alrc",
     "alrc_diagnostics",

@@ -1,4 +1,4 @@
-"""ALRC: adaptive learning rate clipping (Ede & Beanland).
+"""ALRC: adaptive learning rate clipping (Ede & Beanland), on the loss or the gradient norm.
 
 The loss is capped at its running mean plus ``num_stddev`` standard deviations.
 For a scalar loss, capping ``L`` at ``t`` by ``L / stop_gradient(L / t)`` multiplies
@@ -6,11 +6,17 @@ every gradient by ``t / L``, so batch-level ALRC is a gradient transformation th
 receives the loss as ``value`` and scales the updates. Per-example ALRC (the paper's
 own form for batches) caps each example inside the loss with :func:`cap_losses` and
 then folds the capped losses into the same statistics in ``update``.
+
+One statistics engine serves every signal: :func:`_cap_statistic` caps a scalar at the
+threshold held in an :class:`ALRCState` and :func:`_advance` folds the capped value into
+that state. The loss (``signal="loss"``, the paper) and the global norm of the
+gradient (``signal="grad_norm"``) are only two ways of feeding it a scalar.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import functools
+from typing import Any, Literal, NamedTuple
 
 import chex
 import jax
@@ -65,6 +71,22 @@ class ALRCState(NamedTuple):
     num_losses: jax.Array  # shape=(), int32: losses seen in those steps (examples if per-example)
     num_clipped: jax.Array  # shape=(), int32: losses capped (examples if per-example)
     num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite loss
+
+
+class ALRCSignalsState(NamedTuple):
+    """State of ``alrc(signal="grad_norm")`` and ``alrc(signal="both")``.
+
+    One :class:`ALRCState` per signal, under the signal's name: the statistics of the
+    global gradient norm in ``grad_norm``, those of the loss in ``loss``
+    (``optax.EmptyState()`` when the loss is not a signal).
+    """
+
+    loss: ALRCState | optax.EmptyState
+    grad_norm: ALRCState
+
+
+Signal = Literal["loss", "grad_norm", "both"]
+SIGNALS: tuple[str, ...] = ("loss", "grad_norm", "both")
 
 
 class _Rule(NamedTuple):
@@ -170,6 +192,44 @@ def _advance(rule, state, *, finite, batch_mean, batch_var, scale, num_losses, n
     return new_state
 
 
+def _cap_statistic(rule, state, statistic, finite):
+    """Caps one scalar statistic at ``state.threshold``; returns its factor and next state.
+
+    The capped value (the threshold, or the statistic below it) is what is folded, so
+    a spike does not inflate the statistics that judge the next one.
+    """
+    scale, capped = loss_scale(statistic, state.threshold)
+    new_state = _advance(
+        rule,
+        state,
+        finite=finite,
+        batch_mean=jnp.where(capped, state.threshold, statistic),
+        batch_var=jnp.zeros([], jnp.float32),
+        scale=scale,
+        num_losses=1,
+        num_clipped=capped.astype(jnp.int32),
+    )
+    return scale, new_state
+
+
+def global_norm(updates: Any) -> jax.Array:
+    """The L2 norm of every element of ``updates`` (of the modulus for complex), float32.
+
+    Each leaf's sum of squares is taken in float32 (float64 stays float64), so
+    half-precision gradients do not overflow or lose their small elements.
+    """
+
+    def sum_of_squares(g: jax.Array) -> jax.Array:
+        g = jnp.asarray(g)
+        if jnp.issubdtype(g.dtype, jnp.complexfloating):
+            g = jnp.abs(g)
+        return jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))))
+
+    leaves = jax.tree.leaves(updates)
+    total = sum((sum_of_squares(g) for g in leaves), jnp.zeros([], jnp.float32))
+    return jnp.sqrt(total).astype(jnp.float32)
+
+
 def _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps) -> _Rule:
     """Validates hyperparameters (values if concrete, dtypes always) and packs the rule."""
     check_positive("num_stddev", num_stddev)
@@ -245,14 +305,18 @@ def _init_fn(rule: _Rule, mu1_init, mu2_init):
     return init_fn
 
 
-def _loss_array(value: Any, transform: str, updates, params) -> jax.Array:
-    """The ``value`` extra argument as a float32 array, with a clear error if absent.
+def _check_updates(updates, params) -> None:
+    """At trace time: ``updates`` has the structure and shapes of ``params`` (if given).
 
-    Also checks at trace time that ``updates`` has the structure and shapes of
-    ``params`` (when given), since a mismatch would silently mis-scale updates.
+    A mismatch would silently mis-scale updates.
     """
     if params is not None:
         chex.assert_trees_all_equal_shapes(updates, params)
+
+
+def _loss_array(value: Any, transform: str, updates, params) -> jax.Array:
+    """The ``value`` extra argument as a float32 array, with a clear error if absent."""
+    _check_updates(updates, params)
     if value is None:
         raise missing_value_error(transform)
     loss = jnp.asarray(value)
@@ -275,12 +339,13 @@ def alrc(
     num_stddev: chex.Numeric = 3.0,
     decay: chex.Numeric = 0.999,
     *,
+    signal: Signal = "loss",
     mu1_init: chex.Numeric | None = None,
     mu2_init: chex.Numeric | None = None,
     warmup_steps: int = 20,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Adaptive learning rate clipping: caps the loss at mean + n standard deviations.
+    r"""Adaptive learning rate clipping: caps the loss (or the gradient norm) at mean + n std.
 
     With running estimates :math:`\mu` and :math:`\sigma^2` of the loss's mean and
     variance, a step whose loss :math:`L` exceeds the threshold
@@ -297,50 +362,75 @@ def alrc(
     so that float32 does not cancel (losses of 1000 ± 0.1 keep a correct threshold).
     The statistics are float32 whatever the parameter dtype.
 
-    Starting point. With ``mu1_init`` and ``mu2_init`` (the paper's guessed moments,
-    e.g. 25 and 30**2) the rule is the paper's from the first step, with
-    :math:`\sigma = \sqrt{\mu_2 - \mu_1^2 + 10^{-8}}`. By default no guess is needed:
-    the averages are bias-corrected (:math:`a = (1-\beta)/(1-\beta^k)`, as Adam does),
-    so clip decisions do not change when the loss is multiplied by any :math:`c > 0`;
-    there is no cap at the first step. During the first ``warmup_steps`` steps the
-    threshold is at least :math:`(1 + n)\mu`, and a loss below :math:`\mu / (1 + n)`
-    restarts the statistics from it, so a spike in the first steps neither passes
-    unclipped for long nor disables clipping later.
+    Signals. ``signal="loss"`` is the paper's rule above; it needs the loss as
+    ``value``. With ``signal="grad_norm"`` the same rule runs on the global L2 norm
+    :math:`G = \lVert u \rVert_2` of the incoming updates instead of :math:`L`: the
+    updates are scaled by :math:`\min(1, t_G / G)`, so a step's gradient norm is capped
+    at the running mean + n standard deviations of the (capped) norms. It needs no
+    ``value``, so it works in any plain chain, in Flax's stock ``TrainState`` and inside
+    :class:`optax.MultiSteps` (where it sees the accumulated gradient of the window).
+    ``signal="both"`` keeps both statistics, each capped and folded with its own
+    capped value, and applies the smaller factor; it needs ``value``. Choose
+    ``"grad_norm"`` when a bad batch shows in the gradient more than in the loss, as
+    in transformer language models (a bad batch there has ~5x the loss but 7-21x the
+    gradient norm, so the loss factor under-corrects); ``"loss"`` is the paper's rule
+    for losses that spike, as with quartic or corrupted-target regression.
 
-    Non-finite loss: the updates are set to exactly zero and the statistics are left
-    unchanged (``num_nonfinite`` counts such steps). A following Adam still advances
-    its moments on the zero gradient; wrap the whole chain in
-    :func:`optax.apply_if_finite` to skip the step entirely.
+    Starting point. With ``mu1_init`` and ``mu2_init`` (the paper's guessed loss
+    moments, e.g. 25 and 30**2; ``signal="loss"`` only) the rule is the paper's from
+    the first step, with :math:`\sigma = \sqrt{\mu_2 - \mu_1^2 + 10^{-8}}`. By default no
+    guess is needed: the averages are bias-corrected (:math:`a = (1-\beta)/(1-\beta^k)`,
+    as Adam does), so clip decisions do not change when the loss (or the gradient) is
+    multiplied by any :math:`c > 0`; there is no cap at the first step. During the
+    first ``warmup_steps`` steps the threshold is at least :math:`(1 + n)\mu`, and a
+    statistic below :math:`\mu / (1 + n)` restarts the statistics from it, so a spike
+    in the first steps neither passes unclipped for long nor disables clipping later.
+
+    Non-finite input (a loss, or a gradient whose float32 norm is not finite: a NaN or
+    infinite element, or a norm beyond about 1.8e19): the updates are set to exactly
+    zero and the statistics are left unchanged (``num_nonfinite`` counts such steps).
+    A following Adam still advances its moments on the zero gradient; wrap the whole
+    chain in :func:`optax.apply_if_finite` to skip the step entirely.
 
     Signed losses: ALRC assumes a positive loss, as in the paper. The factor is kept
     in :math:`[0, 1]`: a loss :math:`\le 0` is never capped, and a positive loss
     above a threshold :math:`\le 0` gets factor 0 (the step is dropped). Pass
     ``value=loss - lower_bound`` for a loss that can be negative.
 
-    Data parallelism: ``value`` must be the same on every replica. Under ``jit``
-    with sharded inputs the loss is a global mean and it is; under ``pmap`` or
-    ``shard_map`` give ``axis_name`` so the per-replica losses are averaged with
-    :func:`jax.lax.pmean`; without it replicas would take different decisions and
-    drift apart silently.
+    Data parallelism: every replica must take the same decision. Under ``jit`` with
+    sharded inputs the loss is a global mean and the norm is taken over the global
+    (sharded) arrays, so it does. Under ``pmap`` or ``shard_map`` give ``axis_name``:
+    the per-replica loss, and the norm of the updates each replica receives, are
+    averaged with :func:`jax.lax.pmean`. Pass the replica-averaged gradient
+    (``lax.pmean(grads, axis_name)``, as data-parallel training does), whose norm is
+    then the norm of the global gradient on every replica; for parameters sharded
+    across the axis inside ``shard_map`` the norm of a shard is not the global norm
+    (use ``jit`` over a ``Mesh`` there). Without ``axis_name`` replicas that see
+    different values would take different decisions and drift apart silently.
 
-    Gradient accumulation: put ``alrc`` outside :class:`optax.MultiSteps`,
+    Gradient accumulation: with the loss as a signal (``"loss"``, ``"both"``), put
+    ``alrc`` outside :class:`optax.MultiSteps`,
     ``optax.chain(alrc(), optax.MultiSteps(opt, k).gradient_transformation())``: it
     then caps every micro-batch by its own loss before the gradients are averaged
     (its statistics advance once per micro-batch). Inside, ``MultiSteps`` would keep
     only the last micro-step's call, which sees only the last micro-batch's loss, so
-    ``update`` raises a ``ValueError`` there.
+    ``update`` raises a ``ValueError`` there. ``signal="grad_norm"`` works inside.
 
     Args:
       num_stddev: :math:`n > 0`, how many standard deviations above the mean to cap.
       decay: :math:`\beta \in (0, 1)`, the decay of the moving averages.
-      mu1_init: the paper's initial mean; give both inits or neither.
+      signal: the statistic to cap: ``"loss"`` (needs ``value``), ``"grad_norm"``
+        (the global L2 norm of the updates) or ``"both"`` (needs ``value``).
+      mu1_init: the paper's initial loss mean; give both inits or neither.
       mu2_init: the paper's initial second raw moment, ``> mu1_init**2``.
       warmup_steps: steps of warm-up when starting from data (ignored with inits).
-      axis_name: the ``pmap``/``shard_map`` axis over which to average the loss.
+      axis_name: the ``pmap``/``shard_map`` axis over which to average the signals.
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes the
-      scalar loss as ``value`` and whose state is an :class:`ALRCState`.
+      An :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes the
+      scalar loss as ``value`` (ignored with ``signal="grad_norm"``). Its state is an
+      :class:`ALRCState` for ``signal="loss"`` and an :class:`ALRCSignalsState`
+      otherwise.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -357,40 +447,77 @@ def alrc(
       >>> optax.tree.get(state, "num_steps")
       Array(3, dtype=int32)
 
+      The gradient-norm signal needs no loss:
+
+      >>> tx = optax.chain(alrc(signal="grad_norm"), optax.adam(1e-3))
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jax.grad(loss_fn)(params), state, params)
+      >>> optax.tree.get(state, "mean")  # the running mean of the gradient norm
+      Array(2.828427, dtype=float32)
+
     References:
       J. M. Ede and R. Beanland, `Adaptive Learning Rate Clipping Stabilizes
       Learning <https://arxiv.org/abs/1906.09060>`_, Machine Learning: Science and
       Technology, 2020.
     """
+    if signal not in SIGNALS:
+        raise ValueError(f"signal must be one of {SIGNALS}, got {signal!r}.")
+    if signal != "loss" and (mu1_init is not None or mu2_init is not None):
+        raise ValueError(
+            "mu1_init and mu2_init are the paper's guessed loss moments and apply to "
+            f'signal="loss" only; signal={signal!r} starts its statistics from the data.'
+        )
     rule = _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps)
+    uses_loss = signal in ("loss", "both")
+    uses_norm = signal in ("grad_norm", "both")
+
+    def init_fn(params):
+        del params
+        if signal == "loss":
+            return _init_state(rule, mu1_init, mu2_init)
+        loss_state = _init_state(rule, None, None) if uses_loss else optax.EmptyState()
+        return ALRCSignalsState(loss=loss_state, grad_norm=_init_state(rule, None, None))
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         del extra_args
-        refuse_inside_multi_steps("alrc")  # it would see only the last micro-batch's loss
-        loss = _loss_array(value, "alrc", updates, params)
-        if loss.ndim != 0:
-            raise ValueError(
-                f"alrc expects value to be the scalar loss of the batch, got shape "
-                f"{loss.shape}. Pass loss.mean(), or use alrc_per_example() to cap "
-                "each example's loss."
-            )
+        _check_updates(updates, params)
+        statistics, states = {}, {}
+        if uses_loss:
+            statistics["loss"] = _scalar_loss(value, updates, params, signal)
+            states["loss"] = state if signal == "loss" else state.loss
+        if uses_norm:
+            statistics["grad_norm"] = global_norm(updates)
+            states["grad_norm"] = state.grad_norm
         if axis_name is not None:
-            loss = lax.pmean(loss, axis_name)
-        scale, capped = loss_scale(loss, state.threshold)
-        finite = jnp.isfinite(loss)
-        new_state = _advance(
-            rule,
-            state,
-            finite=finite,
-            batch_mean=jnp.where(capped, state.threshold, loss),
-            batch_var=jnp.zeros([], jnp.float32),
-            scale=scale,
-            num_losses=1,
-            num_clipped=capped.astype(jnp.int32),
-        )
-        return _zero_if_skipped(updates, finite, scale), new_state
+            statistics = {name: lax.pmean(x, axis_name) for name, x in statistics.items()}
+        finite = functools.reduce(jnp.logical_and, [jnp.isfinite(x) for x in statistics.values()])
+        factor = jnp.ones([], jnp.float32)
+        for name, statistic in statistics.items():
+            scale, states[name] = _cap_statistic(rule, states[name], statistic, finite)
+            factor = jnp.minimum(factor, scale)
+        if signal == "loss":
+            new_state = states["loss"]
+        else:
+            new_state = ALRCSignalsState(
+                loss=states.get("loss", optax.EmptyState()), grad_norm=states["grad_norm"]
+            )
+        return _zero_if_skipped(updates, finite, factor), new_state
 
-    return optax.GradientTransformationExtraArgs(_init_fn(rule, mu1_init, mu2_init), update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _scalar_loss(value: Any, updates, params, signal: str) -> jax.Array:
+    """The batch loss given as ``value``, checked to be a scalar."""
+    transform = "alrc" if signal == "loss" else f'alrc(signal="{signal}")'
+    refuse_inside_multi_steps(transform)  # it would see only the last micro-batch's loss
+    loss = _loss_array(value, transform, updates, params)
+    if loss.ndim != 0:
+        raise ValueError(
+            f"{transform} expects value to be the scalar loss of the batch, got shape "
+            f"{loss.shape}. Pass loss.mean(), or use alrc_per_example() to cap "
+            "each example's loss."
+        )
+    return loss
 
 
 def alrc_per_example(
@@ -499,6 +626,16 @@ def find_alrc_states(tree: Any) -> list[tuple[tuple[Any, ...], ALRCState]]:
     return [(path, node) for path, node in leaves if is_state(node)]
 
 
+def signal_of(path: tuple[Any, ...]) -> str:
+    """The signal whose statistics an :class:`ALRCState` at ``path`` holds.
+
+    ``"grad_norm"`` for the ``grad_norm`` field of an :class:`ALRCSignalsState`,
+    ``"loss"`` for every other state (batch or per-example ALRC of the loss).
+    """
+    last = path[-1] if path else None
+    return "grad_norm" if getattr(last, "name", None) == "grad_norm" else "loss"
+
+
 def cap_losses(losses: jax.Array, state: Any) -> jax.Array:
     r"""Caps each loss at the ALRC threshold, for use inside the loss function.
 
@@ -509,9 +646,10 @@ def cap_losses(losses: jax.Array, state: Any) -> jax.Array:
 
     Args:
       losses: per-example (or per-token) losses, any shape.
-      state: the optimizer state holding exactly one :class:`ALRCState` (found
-        anywhere inside: chain, ``inject_hyperparams``, ``MultiSteps``), that
-        state itself, or the threshold as an array.
+      state: the optimizer state holding exactly one :class:`ALRCState` of the loss
+        (found anywhere inside: chain, ``inject_hyperparams``, ``MultiSteps``; the
+        statistics of a gradient norm are not counted), that state itself, or the
+        threshold as an array.
 
     Returns:
       The capped losses, same shape and dtype as ``losses``.
@@ -519,10 +657,12 @@ def cap_losses(losses: jax.Array, state: Any) -> jax.Array:
     if isinstance(state, (jax.Array, float, int)):
         threshold = jnp.asarray(state, jnp.float32)
     else:
-        found = find_alrc_states(state)
+        found = [
+            (path, node) for path, node in find_alrc_states(state) if signal_of(path) == "loss"
+        ]
         if len(found) != 1:
             raise ValueError(
-                "cap_losses needs exactly one ALRCState in the optimizer state (from "
+                "cap_losses needs exactly one ALRCState of the loss in the optimizer state (from "
                 f"alrc_per_example()), found {len(found)}. Pass the threshold explicitly: "
                 "cap_losses(losses, threshold)."
             )

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_logdamp._alrc import ALRCState, find_alrc_states
+from optax_logdamp._alrc import ALRCState, find_alrc_states, signal_of
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
@@ -61,8 +61,12 @@ def alrc_diagnostics(opt_state: Any) -> dict[str, jax.Array]:
     - ``num_steps`` and ``num_nonfinite``: steps taken, and steps skipped for a
       non-finite loss.
 
-    With one ALRC state the keys are these names; with several each is prefixed by
-    the state's path in the tree, e.g. ``"0/threshold"`` and ``"1/inner_state/threshold"``.
+    The statistics of the loss have these names; those of the gradient norm
+    (``alrc(signal="grad_norm")`` or ``"both"``) are prefixed with ``grad_norm/``, e.g.
+    ``"grad_norm/threshold"``; with ``signal="both"`` each ``scale`` is its own signal's
+    factor and the applied factor is the smaller. If the tree holds several ALRC states
+    of the same signal, every name is prefixed by its state's path in the tree
+    instead, e.g. ``"0/threshold"`` and ``"1/inner_state/threshold"``.
     The values are scalar arrays: the function works inside ``jit`` (return the dict
     as an output) and outside; :func:`to_python_numbers` turns the dict into Python
     numbers for a logger or ``print``.
@@ -94,13 +98,13 @@ def alrc_diagnostics(opt_state: Any) -> dict[str, jax.Array]:
             "alrc_diagnostics found no ALRCState in the optimizer state: build the optimizer "
             "with alrc() or alrc_per_example(), e.g. optax.chain(alrc(), logadam(1e-3))."
         )
-    if len(found) == 1:
-        return _state_diagnostics(found[0][1])
+    prefixes = ["" if signal_of(path) == "loss" else f"{signal_of(path)}/" for path, _ in found]
+    if len(set(prefixes)) < len(prefixes):
+        prefixes = [f"{_path_name(path)}/" for path, _ in found]
     diagnostics = {}
-    for path, state in found:
-        prefix = _path_name(path)
+    for prefix, (_, state) in zip(prefixes, found, strict=True):
         for name, value in _state_diagnostics(state).items():
-            diagnostics[f"{prefix}/{name}"] = value
+            diagnostics[prefix + name] = value
     return diagnostics
 
 

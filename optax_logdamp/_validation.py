@@ -156,6 +156,7 @@ def refuse_inside_multi_steps(transform: str) -> None:
             "but keeps only the last micro-step's state: it would judge the accumulated "
             "gradient by the last micro-batch's loss alone, and spikes in the other "
             "micro-batches would pass unclipped. Put it outside, where it caps every "
-            f"micro-batch by its own loss: optax.chain({transform}(), "
-            "optax.MultiSteps(optimizer, every_k_schedule=k).gradient_transformation())."
+            "micro-batch by its own loss: optax.chain(alrc(...), "
+            "optax.MultiSteps(optimizer, every_k_schedule=k).gradient_transformation()); "
+            'or use alrc(signal="grad_norm") inside, which judges the accumulated gradient.'
         )

@@ -61,17 +61,33 @@ def test_multi_steps_accumulates_and_forwards_the_loss(name):
         assert int(alrc_state.num_steps) == 2  # the inner transform ran twice
 
 
+INSIDE_REFUSED = {
+    "inject_hyperparams": lambda: optax.inject_hyperparams(alrc)(num_stddev=3.0),
+    "signal_both": lambda: alrc(signal="both"),
+}
+
+
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("name", [*LOSS_CLIPPERS, "inject_hyperparams"])
+@pytest.mark.parametrize("name", [*LOSS_CLIPPERS, *INSIDE_REFUSED])
 def test_alrc_inside_multi_steps_is_refused_with_the_fix(name, jit):
     """Inside, only the last micro-step's call is kept: it sees the last micro-batch's
     loss alone, and a spike at micro-step 0, 1 or 2 of 4 went into the average unclipped."""
-    inner = transforms().get(name) or optax.inject_hyperparams(alrc)(num_stddev=3.0)
+    inner = transforms()[name] if name in LOSS_CLIPPERS else INSIDE_REFUSED[name]()
     tx = optax.MultiSteps(optax.chain(inner, optax.sgd(0.1)), every_k_schedule=4)
     update = jax.jit(tx.update) if jit else tx.update
     grads, loss = grads_and_loss(0)
-    with pytest.raises(ValueError, match=r"inside optax\.MultiSteps.*optax\.chain\(alrc\(\), "):
+    with pytest.raises(ValueError, match=r"inside optax\.MultiSteps.*optax\.chain\(alrc\("):
         update(grads, tx.init(PARAMS), PARAMS, value=loss)
+
+
+def test_alrc_on_the_gradient_norm_runs_inside_multi_steps():
+    """signal="grad_norm" needs no loss: inside, it judges the accumulated gradient."""
+    tx = optax.MultiSteps(optax.chain(alrc(signal="grad_norm"), optax.sgd(0.1)), 3)
+    state = tx.init(PARAMS)
+    for i in range(6):
+        grads, _ = grads_and_loss(i)
+        _, state = jax.jit(tx.update)(grads, state, PARAMS)
+    assert int(optax.tree.get(state, "num_steps")) == 2  # once per window
 
 
 MICRO_STEPS = 4
