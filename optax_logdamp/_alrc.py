@@ -73,12 +73,18 @@ class ALRCState(NamedTuple):
     num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite loss
 
 
+@document_fields
 class ALRCSignalsState(NamedTuple):
     """State of ``alrc(signal="grad_norm")`` and ``alrc(signal="both")``.
 
     One :class:`ALRCState` per signal, under the signal's name: the statistics of the
     global gradient norm in ``grad_norm``, those of the loss in ``loss``
     (``optax.EmptyState()`` when the loss is not a signal).
+
+    Attributes:
+      loss: the :class:`ALRCState` of the loss (``signal="both"``), or
+        ``optax.EmptyState()`` (``signal="grad_norm"``).
+      grad_norm: the :class:`ALRCState` of the global L2 norm of the updates.
     """
 
     loss: ALRCState | optax.EmptyState

@@ -13,7 +13,7 @@ import optax
 import pytest
 from _alrc_sequences import noisy_training_losses, run_losses
 
-from optax_logdamp import ALRCState, alrc
+from optax_logdamp import ALRCSignalsState, ALRCState, alrc
 from optax_logdamp._alrc import loss_scale
 from optax_logdamp._docs import document_fields
 
@@ -247,6 +247,8 @@ def test_state_fields_are_documented_where_help_shows_them():
     assert ALRCState._fields == FIELDS  # names and order are part of the checkpoint format
     text = pydoc.render_doc(ALRCState, renderer=pydoc.plaintext)
     assert "Alias for field number" not in text
+    signals_text = pydoc.render_doc(ALRCSignalsState, renderer=pydoc.plaintext)
+    assert "Alias for field number" not in signals_text
     for name in FIELDS:
         doc = getattr(ALRCState, name).__doc__
         assert doc.split(":")[0] in ("int32", "float32"), (name, doc)  # dtype first
