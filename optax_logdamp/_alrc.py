@@ -456,6 +456,7 @@ def alrc(
       The gradient-norm signal needs no loss:
 
       >>> tx = optax.chain(alrc(signal="grad_norm"), optax.adam(1e-3))
+      >>> params = jnp.ones(2)  # gradient [2, 2], of norm 2 * sqrt(2)
       >>> state = tx.init(params)
       >>> updates, state = tx.update(jax.grad(loss_fn)(params), state, params)
       >>> optax.tree.get(state, "mean")  # the running mean of the gradient norm
