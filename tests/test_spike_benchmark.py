@@ -54,6 +54,7 @@ def test_default_output_is_ignored_by_git(monkeypatch):
     git = ["git", "-C", str(ROOT)]
     if subprocess.run([*git, "rev-parse"], capture_output=True, check=False).returncode:
         pytest.skip("not a git checkout")
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # its helpers, as for `python SCRIPT`
     spec = importlib.util.spec_from_file_location("spike_benchmark", SCRIPT)
     benchmark = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, benchmark)  # dataclasses look it up
