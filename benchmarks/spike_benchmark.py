@@ -26,6 +26,11 @@ Usage::
   python benchmarks/spike_benchmark.py            # quick run, 1-2 minutes on 2 cores
   python benchmarks/spike_benchmark.py --full     # longer run for publication
   python benchmarks/spike_benchmark.py --steps 500 --seeds 3 --out /tmp/bench
+
+The report and figure go to ``results/`` at the top of the repository, which git
+ignores, so a run leaves the clone clean. The committed results are regenerated only
+on request: ``--out benchmarks/results`` (quick) or ``--full --out
+benchmarks/results/full``.
 """
 
 from __future__ import annotations
@@ -525,7 +530,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help=f"default {QUICK_STEPS}")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument(
+        "--out",
+        default=os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results"
+        ),
+        help="report directory (default: results/ at the repository top, ignored by git; "
+        "benchmarks/results to regenerate the committed report)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or table")
     args = parser.parse_args(argv)
     steps = args.steps or (FULL_STEPS if args.full else QUICK_STEPS)

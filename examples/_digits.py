@@ -17,6 +17,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
+from optax_logdamp import to_python_numbers
+
 Batch = tuple[np.ndarray, np.ndarray]
 StepFn = Callable[[np.ndarray, np.ndarray], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -50,8 +52,11 @@ def train(args: argparse.Namespace, train_set: Batch, step: StepFn, name: str) -
     """
     train_images, train_labels = train_set
     rng = np.random.default_rng(args.seed)
-    progress = tqdm(range(1, args.steps + 1), desc=name, mininterval=0.5)
-    for step_index in progress:
+    # Counted with update(), not by iterating the bar: set_postfix redraws the bar, and
+    # an iterated bar redraws the count it last printed (1, after the compiling first
+    # step), which is all a log that is not a terminal ever shows.
+    progress = tqdm(total=args.steps, desc=name, mininterval=0.5)
+    for step_index in range(1, args.steps + 1):
         index = rng.integers(0, len(train_images), args.batch_size)
         images = train_images[index]
         if args.corrupt_every and step_index % args.corrupt_every == 0:
@@ -62,9 +67,11 @@ def train(args: argparse.Namespace, train_set: Batch, step: StepFn, name: str) -
                 loss=f"{float(loss):.3f}",
                 threshold=f"{float(diagnostics['threshold']):.3f}",
                 clipped=int(diagnostics["num_clipped"]),
+                refresh=False,  # shown at the next redraw, with the count of that step
             )
+        progress.update()
     progress.close()
-    print("ALRC diagnostics:", {name: float(value) for name, value in diagnostics.items()})
+    print("ALRC diagnostics:", to_python_numbers(diagnostics))
 
 
 def report(test_accuracy: jax.Array) -> float:

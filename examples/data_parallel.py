@@ -10,7 +10,17 @@ The same program runs on every host (process) of the job. Each process:
    global batch, so every device sees the same loss: ``alrc()`` needs no
    ``axis_name`` here (that is only for per-replica losses under ``pmap`` or
    ``shard_map``), and the ALRC statistics are replicated on every device;
-5. logs ALRC's diagnostics from process 0 only.
+5. waits for the results of its steps at the same points as every other process:
+   it never runs more than ``MAX_STEPS_IN_FLIGHT`` steps ahead of its devices, and
+   every process reads the diagnostics at the logging steps (process 0 prints them).
+
+Why step 5 matters: multi-host JAX needs every process to run the same computations
+and host transfers in the same order. A process that never waits for a result (as
+process 1 did when only process 0 read the logged values) queues steps without
+bound; on CPU, XLA admits 32 queued computations per device, and past that the
+cross-process all-reduce deadlocks: the job hangs with no CPU use (seen with jax
+0.10.2 and two processes). A short bounded queue costs nothing: the host still
+prepares the next batch while the devices compute.
 
 Every ``--spike-every`` steps one device's shard of the batch is corrupted (wrong
 labels, inputs multiplied by 10): a loss spike, which ALRC clips. With the default
@@ -34,6 +44,7 @@ On a GPU cluster, one process per host (under SLURM ``--multihost`` is enough)::
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import time
 from collections.abc import Callable
@@ -51,6 +62,7 @@ from optax_logdamp import alrc, logadam
 Params = dict[str, jax.Array]
 DATA_AXIS = "data"
 SPIKE_FACTOR = 10.0
+MAX_STEPS_IN_FLIGHT = 2  # steps dispatched ahead of the devices, on every process
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -219,13 +231,15 @@ def read(value: jax.Array) -> float:
 
 
 def log_diagnostics(step: int, loss: jax.Array, opt_state: Any) -> None:
-    """ALRC's diagnostics, printed by process 0 only."""
-    if jax.process_index() != 0:
-        return
+    """ALRC's diagnostics: read on every process (the same host transfers everywhere),
+    printed by process 0."""
     diag = {name: read(optax.tree.get(opt_state, name)) for name in ("threshold", "scale", "mean")}
     num_clipped = int(read(optax.tree.get(opt_state, "num_clipped")))
+    loss_value = read(loss)
+    if jax.process_index() != 0:
+        return
     print(
-        f"step {step:4d}  loss {read(loss):9.4f}  alrc: mean {diag['mean']:.4f}  "
+        f"step {step:4d}  loss {loss_value:9.4f}  alrc: mean {diag['mean']:.4f}  "
         f"threshold {diag['threshold']:.4f}  scale {diag['scale']:.3f}  "
         f"num_clipped {num_clipped}",
         flush=True,
@@ -261,22 +275,26 @@ def main(argv: list[str] | None = None) -> None:
 
     num_local_devices = len(jax.local_devices())
     start = time.perf_counter()
+    in_flight: collections.deque[jax.Array] = collections.deque()
     for step in range(args.steps):
         images, labels = local_batch(train_x, train_y, step, args, num_local_devices)
         images = global_array(images, batch_sharding)
         labels = global_array(labels, batch_sharding)
         params, opt_state, loss = train_step(params, opt_state, images, labels)
-        if step % args.log_every == 0 or step == args.steps - 1:  # reading values syncs
+        in_flight.append(loss)
+        if len(in_flight) > MAX_STEPS_IN_FLIGHT:  # every process waits at the same step
+            in_flight.popleft().block_until_ready()
+        if step % args.log_every == 0 or step == args.steps - 1:
             log_diagnostics(step, loss, opt_state)
 
     test_accuracy = accuracy(
         params, global_array(test_x, replicated), global_array(test_y, replicated)
     )
+    test_accuracy, num_clipped = read(test_accuracy), read(optax.tree.get(opt_state, "num_clipped"))
     if jax.process_index() == 0:
         print(
             f"done: {args.steps} steps in {time.perf_counter() - start:.1f} s, "
-            f"test accuracy {read(test_accuracy):.3f}, "
-            f"clipped steps {int(read(optax.tree.get(opt_state, 'num_clipped')))}",
+            f"test accuracy {test_accuracy:.3f}, clipped steps {int(num_clipped)}",
             flush=True,
         )
 

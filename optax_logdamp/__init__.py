@@ -5,7 +5,8 @@
   (Ede & Beanland).
 - :func:`alrc_per_example` and :func:`cap_losses`: ALRC applied to each example.
 - :func:`logadam`: log dampening chained into Adam.
-- :func:`alrc_diagnostics`: the ALRC statistics of an optimizer state, for logging.
+- :func:`alrc_diagnostics`: the ALRC statistics of an optimizer state, for logging,
+  and :func:`to_python_numbers` to print or log them as plain numbers.
 """
 
 from optax_logdamp._aliases import logadam as logadam
@@ -17,6 +18,7 @@ from optax_logdamp._alrc import cap_losses as cap_losses
 from optax_logdamp._dampening import dampen as dampen
 from optax_logdamp._dampening import log_dampen as log_dampen
 from optax_logdamp._diagnostics import alrc_diagnostics as alrc_diagnostics
+from optax_logdamp._diagnostics import to_python_numbers as to_python_numbers
 
 __version__ = "0.1.0"
 
@@ -30,4 +32,5 @@ __all__ = [
     "dampen",
     "log_dampen",
     "logadam",
+    "to_python_numbers",
 ]

@@ -6,7 +6,8 @@ import chex
 import jax.numpy as jnp
 import optax
 
-from optax_logdamp._dampening import log_dampen
+from optax_logdamp._dampening import _check_scale, log_dampen
+from optax_logdamp._validation import check_decay_rate, check_not_half_precision
 
 
 def logadam(
@@ -34,10 +35,15 @@ def logadam(
 
     Results equal ``optax.chain(log_dampen(dampen_scale), optax.adam(...))``.
 
+    ``b1``, ``b2`` and ``eps`` must be float32 or wider: in bfloat16, ``b2 = 0.999``
+    rounds to 1 and Adam divides by zero, so such values (which
+    ``optax.inject_hyperparams`` produces for half-precision parameters unless given
+    ``hyperparam_dtype=jnp.float32``) are refused with a ``ValueError``.
+
     Args:
       learning_rate: a fixed rate or a schedule (``optax.ScalarOrSchedule``).
-      b1: Adam's decay of the first moment.
-      b2: Adam's decay of the second moment.
+      b1: Adam's decay of the first moment, in ``[0, 1)``.
+      b2: Adam's decay of the second moment, in ``[0, 1)``.
       eps: added to the denominator outside the square root.
       eps_root: added to the second moment inside the square root.
       dampen_scale: the knee :math:`s > 0` of the dampening.
@@ -65,6 +71,11 @@ def logadam(
       Neural Networks: the LogAdam optimizer
       <https://torontoai.org/2018/03/31/a-magnetosphere-for-neural-networks/>`_, 2018.
     """
+    check_decay_rate("b1", b1)
+    check_decay_rate("b2", b2)
+    check_not_half_precision("eps", eps)
+    if not isinstance(dampen_scale, str):  # a string names a mode: log_dampen checks it
+        _check_scale(dampen_scale, "dampen_scale")
     return optax.chain(
         log_dampen(dampen_scale),
         optax.scale_by_adam(

@@ -24,21 +24,42 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from optax_logdamp._docs import document_fields
 from optax_logdamp._validation import (
     as_float,
+    check_not_half_precision,
     check_open_unit_interval,
     check_positive,
     check_scalar,
+    missing_value_error,
+    refuse_inside_multi_steps,
 )
 
 _PAPER_EPS = 1e-8  # added to the variance under the square root in the paper's rule
 _INT32_MAX = jnp.iinfo(jnp.int32).max
 
 
+@document_fields
 class ALRCState(NamedTuple):
     """State of :func:`alrc` and :func:`alrc_per_example`: loss statistics, diagnostics.
 
     Every field is a scalar array; the state is the same size whatever the model.
+    Counters saturate at the int32 maximum instead of wrapping around.
+
+    Attributes:
+      count: int32: steps folded into ``mean`` and ``var`` since the statistics
+        (re)started; a restart during warm-up sets it back to 1.
+      mean: float32: running mean of the capped loss.
+      var: float32: running variance of the capped loss.
+      threshold: float32: the cap for the NEXT loss, ``mean + num_stddev * std``
+        (``+inf`` before the first loss when the statistics start from the data).
+      scale: float32: the gradient factor applied at the last step, in ``[0, 1]``
+        (the mean over examples for :func:`alrc_per_example`; 0 after a skipped step).
+      num_steps: int32: steps with a finite loss.
+      num_losses: int32: losses seen in those steps (one per step for :func:`alrc`;
+        every example, or token, for :func:`alrc_per_example`).
+      num_clipped: int32: losses capped so far (examples for :func:`alrc_per_example`).
+      num_nonfinite: int32: steps skipped because the loss was not finite.
     """
 
     count: jax.Array  # shape=(), int32: steps folded into mean/var since they (re)started
@@ -52,12 +73,18 @@ class ALRCState(NamedTuple):
     num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite loss
 
 
+@document_fields
 class ALRCSignalsState(NamedTuple):
     """State of ``alrc(signal="grad_norm")`` and ``alrc(signal="both")``.
 
     One :class:`ALRCState` per signal, under the signal's name: the statistics of the
     global gradient norm in ``grad_norm``, those of the loss in ``loss``
     (``optax.EmptyState()`` when the loss is not a signal).
+
+    Attributes:
+      loss: the :class:`ALRCState` of the loss (``signal="both"``), or
+        ``optax.EmptyState()`` (``signal="grad_norm"``).
+      grad_norm: the :class:`ALRCState` of the global L2 norm of the updates.
     """
 
     loss: ALRCState | optax.EmptyState
@@ -210,8 +237,9 @@ def global_norm(updates: Any) -> jax.Array:
 
 
 def _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps) -> _Rule:
-    """Validates concrete hyperparameters (tracers pass) and packs the rule."""
+    """Validates hyperparameters (values if concrete, dtypes always) and packs the rule."""
     check_positive("num_stddev", num_stddev)
+    check_not_half_precision("decay", decay)
     check_open_unit_interval(
         "decay",
         decay,
@@ -296,10 +324,7 @@ def _loss_array(value: Any, transform: str, updates, params) -> jax.Array:
     """The ``value`` extra argument as a float32 array, with a clear error if absent."""
     _check_updates(updates, params)
     if value is None:
-        raise TypeError(
-            f"{transform} needs the loss of this step. Pass it as the keyword argument "
-            "`value`: `updates, opt_state = tx.update(grads, opt_state, params, value=loss)`."
-        )
+        raise missing_value_error(transform)
     loss = jnp.asarray(value)
     if not (jnp.issubdtype(loss.dtype, jnp.floating) or jnp.issubdtype(loss.dtype, jnp.integer)):
         raise TypeError(f"{transform}: value must be a real loss, got dtype {loss.dtype}.")
@@ -389,6 +414,14 @@ def alrc(
     (use ``jit`` over a ``Mesh`` there). Without ``axis_name`` replicas that see
     different values would take different decisions and drift apart silently.
 
+    Gradient accumulation: with the loss as a signal (``"loss"``, ``"both"``), put
+    ``alrc`` outside :class:`optax.MultiSteps`,
+    ``optax.chain(alrc(), optax.MultiSteps(opt, k).gradient_transformation())``: it
+    then caps every micro-batch by its own loss before the gradients are averaged
+    (its statistics advance once per micro-batch). Inside, ``MultiSteps`` would keep
+    only the last micro-step's call, which sees only the last micro-batch's loss, so
+    ``update`` raises a ``ValueError`` there. ``signal="grad_norm"`` works inside.
+
     Args:
       num_stddev: :math:`n > 0`, how many standard deviations above the mean to cap.
       decay: :math:`\beta \in (0, 1)`, the decay of the moving averages.
@@ -423,6 +456,7 @@ def alrc(
       The gradient-norm signal needs no loss:
 
       >>> tx = optax.chain(alrc(signal="grad_norm"), optax.adam(1e-3))
+      >>> params = jnp.ones(2)  # gradient [2, 2], of norm 2 * sqrt(2)
       >>> state = tx.init(params)
       >>> updates, state = tx.update(jax.grad(loss_fn)(params), state, params)
       >>> optax.tree.get(state, "mean")  # the running mean of the gradient norm
@@ -482,6 +516,7 @@ def alrc(
 def _scalar_loss(value: Any, updates, params, signal: str) -> jax.Array:
     """The batch loss given as ``value``, checked to be a scalar."""
     transform = "alrc" if signal == "loss" else f'alrc(signal="{signal}")'
+    refuse_inside_multi_steps(transform)  # it would see only the last micro-batch's loss
     loss = _loss_array(value, transform, updates, params)
     if loss.ndim != 0:
         raise ValueError(
@@ -513,6 +548,12 @@ def alrc_per_example(
     a non-finite loss anywhere in the batch zeroes them and leaves the statistics
     untouched. Warm-up, scale invariance, float32 statistics, signed losses and
     ``axis_name`` behave as in :func:`alrc`, which documents them.
+
+    Inside :class:`optax.MultiSteps`, :func:`cap_losses` still caps every micro-batch
+    (at the threshold of the last completed window), but the statistics learn only
+    from each window's last micro-batch; outside,
+    ``optax.chain(alrc_per_example(), optax.MultiSteps(opt, k).gradient_transformation())``,
+    they learn from all of them.
 
     Args:
       num_stddev: :math:`n > 0`, how many standard deviations above the mean to cap.

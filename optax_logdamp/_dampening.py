@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_logdamp._validation import as_float, check_positive
+from optax_logdamp._validation import as_float, check_inexact_leaves, check_positive
 
 # Cephes ``logf``: log(1 + f) = f - f**2 / 2 + f**3 * P(f) for f in [sqrt(1/2) - 1, sqrt(2) - 1].
 _LOG_POLY = (
@@ -267,13 +267,16 @@ def _with_sign_of(magnitude: jax.Array, g: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _check_scale(scale: chex.Numeric) -> None:
-    """Refuses a concrete scale outside ``[MIN_SCALE, MAX_SCALE]`` (or not > 0)."""
-    check_positive("scale", scale)
+def _check_scale(scale: chex.Numeric, name: str = "scale") -> None:
+    """Refuses a concrete scale outside ``[MIN_SCALE, MAX_SCALE]`` (or not > 0).
+
+    ``name`` is the argument the user gave it as (``dampen_scale`` for :func:`logadam`).
+    """
+    check_positive(name, scale)
     value = as_float(scale)
     if value is not None and not MIN_SCALE <= value <= MAX_SCALE:
         raise ValueError(
-            f"scale must lie in [{MIN_SCALE:g}, {MAX_SCALE:g}], got {value!r}: beyond it the "
+            f"{name} must lie in [{MIN_SCALE:g}, {MAX_SCALE:g}], got {value!r}: beyond it the "
             "float32 dampening loses accuracy (intermediates leave float32's normal range)."
         )
 
@@ -382,6 +385,7 @@ def log_dampen(scale: chex.Numeric = 1.0) -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         if params is not None:
             chex.assert_trees_all_equal_shapes(updates, params)
+        check_inexact_leaves("log_dampen", updates)
         return jax.tree.map(lambda g: dampen(g, scale), updates), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_logdamp._alrc import ALRCState, find_alrc_states, signal_of
 
@@ -67,7 +68,8 @@ def alrc_diagnostics(opt_state: Any) -> dict[str, jax.Array]:
     of the same signal, every name is prefixed by its state's path in the tree
     instead, e.g. ``"0/threshold"`` and ``"1/inner_state/threshold"``.
     The values are scalar arrays: the function works inside ``jit`` (return the dict
-    as an output) and outside (``float(value)`` or ``int(value)`` gives a number).
+    as an output) and outside; :func:`to_python_numbers` turns the dict into Python
+    numbers for a logger or ``print``.
 
     Args:
       opt_state: an optimizer state, or any tree that holds ALRC states.
@@ -81,14 +83,14 @@ def alrc_diagnostics(opt_state: Any) -> dict[str, jax.Array]:
     Examples:
       >>> import jax.numpy as jnp
       >>> import optax
-      >>> from optax_logdamp import alrc, alrc_diagnostics, logadam
+      >>> from optax_logdamp import alrc, alrc_diagnostics, logadam, to_python_numbers
       >>> tx = optax.chain(alrc(), logadam(1e-3))
       >>> params = jnp.zeros(3)
       >>> opt_state = tx.init(params)
       >>> _, opt_state = tx.update(jnp.ones(3), opt_state, params, value=2.0)
-      >>> {name: float(value) for name, value in alrc_diagnostics(opt_state).items()}
-      {'threshold': 8.0, 'scale': 1.0, 'num_clipped': 0.0, 'clip_rate': 0.0, 'mean': 2.0,
-       'std': 0.0, 'num_steps': 1.0, 'num_nonfinite': 0.0}
+      >>> to_python_numbers(alrc_diagnostics(opt_state))
+      {'threshold': 8.0, 'scale': 1.0, 'num_clipped': 0, 'clip_rate': 0.0, 'mean': 2.0,
+       'std': 0.0, 'num_steps': 1, 'num_nonfinite': 0}
     """
     found = find_alrc_states(opt_state)
     if not found:
@@ -104,3 +106,38 @@ def alrc_diagnostics(opt_state: Any) -> dict[str, jax.Array]:
         for name, value in _state_diagnostics(state).items():
             diagnostics[prefix + name] = value
     return diagnostics
+
+
+def to_python_numbers(diagnostics: dict[str, Any]) -> dict[str, int | float]:
+    """Scalar arrays as Python numbers for a logger: integers as ``int``, floats exactly.
+
+    A float32 value becomes the shortest decimal that reads back as the same float32:
+    a clip rate of 1/100 is ``0.01``, where ``float()`` would give its float64
+    expansion ``0.009999999776482582``; counters stay integers (``8``, not ``8.0``).
+    Call it outside ``jit``, on the dict that :func:`alrc_diagnostics` returned.
+
+    Args:
+      diagnostics: names to scalars (arrays or numbers), such as
+        :func:`alrc_diagnostics` returns.
+
+    Returns:
+      A ``dict`` with the same keys and ``int`` or ``float`` values.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from optax_logdamp import to_python_numbers
+      >>> to_python_numbers({"clip_rate": jnp.float32(1 / 100), "num_clipped": jnp.int32(8)})
+      {'clip_rate': 0.01, 'num_clipped': 8}
+    """
+    numbers: dict[str, int | float] = {}
+    for name, value in diagnostics.items():
+        array = np.asarray(value)
+        if array.ndim != 0:
+            raise ValueError(f"to_python_numbers: {name!r} is not a scalar (shape {array.shape}).")
+        if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+            numbers[name] = int(array)
+        elif array.dtype.itemsize < 8:  # float32 or narrower: the shortest exact decimal
+            numbers[name] = float(str(array[()]))
+        else:
+            numbers[name] = float(array)
+    return numbers

@@ -1,17 +1,20 @@
-"""Checks of hyperparameters at construction time.
+"""Checks of hyperparameters at construction time, and of how a transform is called.
 
 Hyperparameters may arrive as traced arrays (``optax.inject_hyperparams``
-re-calls a factory inside ``update``); those cannot be inspected, so every check
-here runs only on concrete values and lets tracers through.
+re-calls a factory inside ``update``); those cannot be inspected, so the value
+checks here run only on concrete values and let tracers through (dtypes are
+checked either way).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def is_concrete(value: Any) -> bool:
@@ -48,9 +51,112 @@ def check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
 
 
+HALF_PRECISION_HINT = (
+    "Under optax.inject_hyperparams with bfloat16 or float16 parameters the "
+    "hyperparameters take the parameters' dtype, where 0.999 rounds to 1 (bfloat16) and "
+    "1e-8 to 0 (float16): pass hyperparam_dtype=jnp.float32."
+)
+
+
+def check_not_half_precision(name: str, value: Any) -> None:
+    """Refuses a hyperparameter held in bfloat16 or float16, concrete or traced.
+
+    Decay rates and epsilons lose their meaning there (0.999 becomes 1: Adam divides by
+    zero, ALRC's averages stop), and a traced value cannot be checked, so the dtype is
+    refused whatever the value: the only check that also works under ``jit``.
+    """
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(
+            f"{name} must be float32 or wider, got dtype {dtype}. {HALF_PRECISION_HINT}"
+        )
+
+
+def check_decay_rate(name: str, value: Any) -> None:
+    """Refuses an exponential decay rate outside ``[0, 1)`` or in half precision."""
+    check_scalar(name, value)
+    check_not_half_precision(name, value)
+    number = as_float(value)
+    if number is not None and not (0.0 <= number < 1.0):
+        raise ValueError(f"{name} must lie in [0, 1), got {value!r}.")
+
+
 def check_open_unit_interval(name: str, value: Any, hint: str = "") -> None:
     """Refuses a concrete hyperparameter outside the open interval (0, 1)."""
     check_scalar(name, value)
     number = as_float(value)
     if number is not None and not (0.0 < number < 1.0):
         raise ValueError(f"{name} must lie strictly between 0 and 1, got {value!r}. {hint}".strip())
+
+
+def missing_value_error(transform: str) -> TypeError:
+    """The error for a transform that needs the loss as ``value`` and did not get it.
+
+    Flax Linen's own ``TrainState.apply_gradients`` is the usual cause: it calls
+    ``tx.update`` without extra arguments even when given ``value=loss``, so the
+    message names the fix for it, and NNX's spelling.
+    """
+    return TypeError(
+        f"{transform} needs the loss of this step. Pass it as the keyword argument "
+        "`value`: `updates, opt_state = tx.update(grads, opt_state, params, value=loss)`. "
+        "Flax Linen: `flax.training.train_state.TrainState.apply_gradients` drops `value` "
+        "(even when given), use `optax_logdamp.flax.TrainState`, a drop-in subclass that "
+        "passes it on. Flax NNX: `optimizer.update(model, grads, value=loss)`."
+    )
+
+
+def check_inexact_leaves(transform: str, updates: Any) -> None:
+    """Refuses updates with a leaf that is not floating-point or complex, naming the leaf.
+
+    Runs at trace time (dtypes are static), so it costs nothing under ``jit``.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"{transform} expects floating-point or complex updates; the leaf "
+                f"updates{jax.tree_util.keystr(path)} has dtype {dtype}. Parameters that are "
+                "not trained (integer counters, buffers) can be left out of the optimizer with "
+                "optax.masked or optax.multi_transform."
+            )
+
+
+def inside_multi_steps() -> bool:
+    """Whether the caller runs inside :meth:`optax.MultiSteps.update`, at any depth.
+
+    ``MultiSteps`` has no hook that tells its inner transform where it runs, and the
+    inner ``update`` gets nothing that differs from a plain call. What is certain is
+    that ``MultiSteps.update`` calls (and, under ``jit`` or ``lax.cond``, traces) the
+    inner ``update`` while its own frame is on the Python stack, so the frames are
+    searched for its code object. A subclass that calls ``super().update`` is found
+    too; a gradient accumulator of one's own is not. This runs in Python, once per
+    trace under ``jit``; it returns False where frames cannot be inspected.
+    """
+    target = optax.MultiSteps.update.__code__
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code is target:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def refuse_inside_multi_steps(transform: str) -> None:
+    """Refuses a loss-fed transform called inside ``optax.MultiSteps``.
+
+    ``MultiSteps`` calls the inner ``update`` at every micro-step with that
+    micro-batch's ``value`` and keeps the inner state of the last micro-step only, so
+    a loss-based clip would judge the accumulated gradient by the last micro-batch's
+    loss alone and let spikes of the others through. Outside, it caps each micro-batch
+    by its own loss.
+    """
+    if inside_multi_steps():
+        raise ValueError(
+            f"{transform} is inside optax.MultiSteps, which calls it at every micro-step "
+            "but keeps only the last micro-step's state: it would judge the accumulated "
+            "gradient by the last micro-batch's loss alone, and spikes in the other "
+            "micro-batches would pass unclipped. Put it outside, where it caps every "
+            "micro-batch by its own loss: optax.chain(alrc(...), "
+            "optax.MultiSteps(optimizer, every_k_schedule=k).gradient_transformation()); "
+            'or use alrc(signal="grad_norm") inside, which judges the accumulated gradient.'
+        )

@@ -9,7 +9,8 @@ the state to ``tx.update``.
 Flax NNX needs no glue: ``nnx.Optimizer.update(model, grads, value=loss)`` already
 forwards keyword arguments to ``tx.update``.
 
-This module imports Flax; the core package does not.
+This module imports Flax (``pip install "optax_logdamp[flax]"``); the core package
+does not.
 """
 
 from __future__ import annotations
@@ -19,8 +20,18 @@ import inspect
 from typing import Any
 
 import optax
-from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
-from flax.training import train_state
+
+try:
+    from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
+    from flax.training import train_state
+except ModuleNotFoundError as error:  # Flax is an optional dependency
+    if error.name is None or error.name.split(".")[0] != "flax":
+        raise  # Flax is there but something it imports is not: the original error says what
+    raise ModuleNotFoundError(
+        'optax_logdamp.flax needs Flax, which is not installed: pip install "optax_logdamp[flax]" '
+        "(or pip install flax). The core package (import optax_logdamp) works without it.",
+        name=error.name,
+    ) from error
 
 
 def _takes_extra_args(tx: optax.GradientTransformation) -> bool:

@@ -1,5 +1,8 @@
 """Tests of batch-level ALRC (SPEC 1.2): the paper's rule, robustness, state, errors."""
 
+import collections
+import pydoc
+
 import chex
 import hypothesis
 import hypothesis.strategies as st
@@ -10,8 +13,9 @@ import optax
 import pytest
 from _alrc_sequences import noisy_training_losses, run_losses
 
-from optax_logdamp import ALRCState, alrc
+from optax_logdamp import ALRCSignalsState, ALRCState, alrc
 from optax_logdamp._alrc import loss_scale
+from optax_logdamp._docs import document_fields
 
 
 def paper_reference(losses, num_stddev, decay, mu1, mu2):
@@ -226,6 +230,45 @@ def test_state_fields_and_tree_get_in_a_chain():
         assert leaf.shape == ()
 
 
+FIELDS = (
+    "count",
+    "mean",
+    "var",
+    "threshold",
+    "scale",
+    "num_steps",
+    "num_losses",
+    "num_clipped",
+    "num_nonfinite",
+)
+
+
+def test_state_fields_are_documented_where_help_shows_them():
+    assert ALRCState._fields == FIELDS  # names and order are part of the checkpoint format
+    text = pydoc.render_doc(ALRCState, renderer=pydoc.plaintext)
+    assert "Alias for field number" not in text
+    signals_text = pydoc.render_doc(ALRCSignalsState, renderer=pydoc.plaintext)
+    assert "Alias for field number" not in signals_text
+    for name in FIELDS:
+        doc = getattr(ALRCState, name).__doc__
+        assert doc.split(":")[0] in ("int32", "float32"), (name, doc)  # dtype first
+        assert f"{name}\n |      {doc}" in text  # under "Data descriptors", by help()
+        assert f"\n      {name}: {doc.split()[0]}" in ALRCState.__doc__  # Attributes: entry
+
+
+def test_a_state_field_without_an_attributes_entry_is_an_error():
+    def state_class(*fields):
+        cls = collections.namedtuple("Documented", fields)
+        cls.__doc__ = (
+            "A state.\n\n    Attributes:\n      a: the first field,\n        on two lines.\n"
+        )
+        return cls
+
+    assert document_fields(state_class("a")).a.__doc__ == "the first field, on two lines."
+    with pytest.raises(ValueError, match=r"\['b'\] have no entry under 'Attributes:'"):
+        document_fields(state_class("a", "b"))
+
+
 def test_missing_value_names_it_and_shows_the_fix():
     tx = optax.chain(alrc(), optax.sgd(1.0))
     params = jnp.ones(2)
@@ -301,6 +344,8 @@ def test_bfloat16_hyperparameters_that_round_to_one_get_a_hint():
     tx = optax.inject_hyperparams(alrc)(decay=0.999)
     with pytest.raises(ValueError, match=r"hyperparam_dtype=jnp\.float32"):
         tx.init({"w": jnp.ones(2, jnp.bfloat16)})
+    with pytest.raises(ValueError, match=r"hyperparam_dtype=jnp\.float32"):  # traced: no value
+        jax.jit(tx.init)({"w": jnp.ones(2, jnp.bfloat16)})
     tx = optax.inject_hyperparams(alrc, hyperparam_dtype=jnp.float32)(decay=0.999)
     _, state = tx.update(jnp.ones(2), tx.init(jnp.ones(2, jnp.bfloat16)), value=1.0)
     assert np.isfinite(float(state.inner_state.mean))

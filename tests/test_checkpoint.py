@@ -30,8 +30,10 @@ TRANSFORMS = {
         ),
         False,
     ),
-    "multi_steps": (
-        lambda: optax.MultiSteps(optax.chain(alrc(), logadam(1e-2)), every_k_schedule=3),
+    "multi_steps": (  # ALRC outside: it caps every micro-batch
+        lambda: optax.chain(
+            alrc(), optax.MultiSteps(logadam(1e-2), every_k_schedule=3).gradient_transformation()
+        ),
         False,
     ),
     "multi_steps_per_example": (

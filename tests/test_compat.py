@@ -41,7 +41,10 @@ def test_eval_shape_of_init_matches_init(name):
     chex.assert_trees_all_equal_shapes_and_dtypes(abstract, concrete)
 
 
-@pytest.mark.parametrize("name", list(transforms()))
+LOSS_CLIPPERS = ("alrc", "full", "paper")  # batch ALRC: it judges the loss of each call
+
+
+@pytest.mark.parametrize("name", [name for name in transforms() if name not in LOSS_CLIPPERS])
 def test_multi_steps_accumulates_and_forwards_the_loss(name):
     inner = transforms()[name]
     tx = optax.MultiSteps(inner, every_k_schedule=3)
@@ -56,6 +59,63 @@ def test_multi_steps_accumulates_and_forwards_the_loss(name):
     inner_steps = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, ALRCState))]
     for alrc_state in (s for s in inner_steps if isinstance(s, ALRCState)):
         assert int(alrc_state.num_steps) == 2  # the inner transform ran twice
+
+
+INSIDE_REFUSED = {
+    "inject_hyperparams": lambda: optax.inject_hyperparams(alrc)(num_stddev=3.0),
+    "signal_both": lambda: alrc(signal="both"),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", [*LOSS_CLIPPERS, *INSIDE_REFUSED])
+def test_alrc_inside_multi_steps_is_refused_with_the_fix(name, jit):
+    """Inside, only the last micro-step's call is kept: it sees the last micro-batch's
+    loss alone, and a spike at micro-step 0, 1 or 2 of 4 went into the average unclipped."""
+    inner = transforms()[name] if name in LOSS_CLIPPERS else INSIDE_REFUSED[name]()
+    tx = optax.MultiSteps(optax.chain(inner, optax.sgd(0.1)), every_k_schedule=4)
+    update = jax.jit(tx.update) if jit else tx.update
+    grads, loss = grads_and_loss(0)
+    with pytest.raises(ValueError, match=r"inside optax\.MultiSteps.*optax\.chain\(alrc\("):
+        update(grads, tx.init(PARAMS), PARAMS, value=loss)
+
+
+def test_alrc_on_the_gradient_norm_runs_inside_multi_steps():
+    """signal="grad_norm" needs no loss: inside, it judges the accumulated gradient."""
+    tx = optax.MultiSteps(optax.chain(alrc(signal="grad_norm"), optax.sgd(0.1)), 3)
+    state = tx.init(PARAMS)
+    for i in range(6):
+        grads, _ = grads_and_loss(i)
+        _, state = jax.jit(tx.update)(grads, state, PARAMS)
+    assert int(optax.tree.get(state, "num_steps")) == 2  # once per window
+
+
+MICRO_STEPS = 4
+
+
+@pytest.mark.parametrize("spike_micro_step", range(MICRO_STEPS))
+def test_alrc_outside_multi_steps_clips_a_spike_at_any_micro_step(spike_micro_step):
+    """The recommended composition: ALRC caps each micro-batch by its own loss.
+
+    The gradient is proportional to the loss, so a x100 loss spike left alone would
+    make the window's average gradient about 26x a clean one.
+    """
+    accumulate = optax.MultiSteps(optax.sgd(1.0), every_k_schedule=MICRO_STEPS)
+    tx = optax.chain(alrc(), accumulate.gradient_transformation())
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    step = jax.jit(lambda s, loss: tx.update({"w": jnp.full(3, loss)}, s, params, value=loss))
+    rng = np.random.default_rng(spike_micro_step)
+    clean_windows = 10  # 40 micro-batches: past ALRC's 20-step warm-up
+    for micro_step in range(MICRO_STEPS * (clean_windows + 1)):
+        loss = np.float32(1.0 + 0.1 * rng.standard_normal())
+        if micro_step == MICRO_STEPS * clean_windows + spike_micro_step:
+            loss *= 100.0
+        updates, state = step(state, loss)
+    alrc_state = state[0]
+    assert int(alrc_state.num_clipped) == 1  # the spike, whichever micro-step it was
+    window_update = -float(updates["w"][0])  # sgd(1.0): minus the window's mean gradient
+    assert 0.9 < window_update < 1.2, window_update  # about a clean window's, not 26x
 
 
 def test_apply_if_finite_skips_nan_gradients_and_keeps_alrc_statistics():

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from optax_logdamp import dampen, log_dampen
+from optax_logdamp import dampen, log_dampen, logadam
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -206,3 +206,11 @@ def test_chain_with_adam_damps_a_spike():
     u_damped, _ = damped.update(spike, damped.init(params), params)
     assert float(jnp.max(jnp.abs(u_plain))) == 1e8
     assert float(jnp.max(jnp.abs(u_damped))) < 19.0  # log1p(1e8) = 18.42
+
+
+def test_a_non_float_leaf_is_named():
+    grads = {"w": jnp.ones(3), "buffers": {"count": jnp.ones(2, jnp.int32)}}
+    with pytest.raises(TypeError, match=r"updates\['buffers'\]\['count'\] has dtype int32"):
+        log_dampen().update(grads, log_dampen().init(grads))
+    with pytest.raises(TypeError, match=r"updates\['buffers'\]\['count'\]"):
+        jax.jit(logadam(1e-3).update)(grads, logadam(1e-3).init(grads))

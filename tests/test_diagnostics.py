@@ -9,7 +9,14 @@ import numpy as np
 import optax
 import pytest
 
-from optax_logdamp import alrc, alrc_diagnostics, alrc_per_example, log_dampen, logadam
+from optax_logdamp import (
+    alrc,
+    alrc_diagnostics,
+    alrc_per_example,
+    log_dampen,
+    logadam,
+    to_python_numbers,
+)
 
 NAMES = {
     "threshold",
@@ -77,11 +84,13 @@ def test_last_scale_of_a_capped_step():
     "wrap",
     [
         lambda: optax.inject_hyperparams(alrc)(num_stddev=3.0),
-        lambda: optax.MultiSteps(optax.chain(alrc(), optax.sgd(0.1)), every_k_schedule=1),
+        lambda: optax.chain(
+            alrc(), optax.MultiSteps(optax.sgd(0.1), every_k_schedule=1).gradient_transformation()
+        ),
         lambda: optax.masked(alrc(), {"w": True, "b": False}),
         lambda: optax.chain(log_dampen(), optax.inject_hyperparams(alrc)(), optax.adam(1e-3)),
     ],
-    ids=["inject_hyperparams", "MultiSteps", "masked", "chain"],
+    ids=["inject_hyperparams", "MultiSteps_outside", "masked", "chain"],
 )
 def test_found_anywhere_with_the_values_of_a_bare_alrc(wrap):
     reference = bare_alrc_diagnostics()
@@ -141,3 +150,16 @@ def test_works_inside_jit_and_returns_arrays():
 def test_no_alrc_state_is_an_error():
     with pytest.raises(ValueError, match="no ALRCState"):
         alrc_diagnostics(optax.adam(1e-3).init(jnp.zeros(2)))
+
+
+def test_to_python_numbers_gives_ints_and_shortest_float32_decimals():
+    state = run(alrc(), [1.0] * 99 + [100.0])  # one clip in 100 losses
+    numbers = to_python_numbers(alrc_diagnostics(state))
+    assert numbers["clip_rate"] == 0.01  # float() would give 0.009999999776482582
+    assert type(numbers["num_clipped"]) is int and numbers["num_clipped"] == 1
+    assert type(numbers["num_steps"]) is int and numbers["num_steps"] == 100
+    for name, value in numbers.items():
+        assert np.float32(value) == np.float32(alrc_diagnostics(state)[name]), name  # exact
+    assert "0.0099999" not in str(numbers)
+    with pytest.raises(ValueError, match="not a scalar"):
+        to_python_numbers({"x": np.ones(2)})

@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -37,3 +38,12 @@ def test_example_trains_and_logs_diagnostics(script, capsys):
     assert accuracy > 0.85  # 200 steps of a small MLP: far above chance (0.1)
     assert 1 <= num_clipped <= 8  # some of the 8 corrupted batches, hardly any clean one
     assert "200/200" in err  # the tqdm progress bar ran to the end
+    # Logged numbers are plain: counters are ints, float32 values their shortest decimal.
+    assert re.search(r"'num_clipped': \d+, ", out) and re.search(r"'num_steps': 200, ", out)
+    for value in re.findall(r"'(?:clip_rate|mean|std|threshold)': ([^,}]+)", out):
+        assert value == str(np.float32(value)), value  # not 0.009999999776482582
+    # Every redraw of the bar (capsys is not a terminal) shows the count of its own step:
+    # a postfix first set at step 25 never appears next to a count below 25.
+    frames = [frame for frame in err.split("\r") if "clipped=" in frame]
+    counts = [int(re.search(r"(\d+)/200", frame).group(1)) for frame in frames]
+    assert counts and min(counts) >= 25 and counts == sorted(counts), counts

@@ -1,5 +1,7 @@
 """Flax integration: the Linen TrainState forwards the loss; NNX's Optimizer already does."""
 
+import importlib
+import re
 import subprocess
 import sys
 from typing import Any
@@ -73,6 +75,14 @@ def test_flax_own_train_state_cannot_feed_alrc():
     grads = jax.tree.map(jnp.ones_like, state.params)
     with pytest.raises(TypeError, match="value"):
         state.apply_gradients(grads=grads)
+
+
+def test_flax_own_train_state_given_the_loss_points_to_ours():
+    """Flax's TrainState drops ``value=loss``: the error must name the drop-in fix."""
+    state = linen_state(optax.chain(alrc(), logadam(1e-2)), cls=flax_train_state.TrainState)
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    with pytest.raises(TypeError, match=r"use `optax_logdamp\.flax\.TrainState`"):
+        state.apply_gradients(grads=grads, value=jnp.float32(1.0))
 
 
 class StateWithStats(TrainState):
@@ -183,3 +193,11 @@ def test_nnx_optimizer_forwards_the_loss():
 def test_core_package_does_not_import_flax():
     code = "import sys, optax_logdamp; sys.exit('flax' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_import_without_flax_says_how_to_install_it(monkeypatch):
+    for name in [m for m in sys.modules if m == "flax" or m.startswith("flax.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: "not installed"
+    monkeypatch.delitem(sys.modules, "optax_logdamp.flax")
+    with pytest.raises(ModuleNotFoundError, match=re.escape('pip install "optax_logdamp[flax]"')):
+        importlib.import_module("optax_logdamp.flax")

@@ -63,3 +63,34 @@ def test_is_extra_args_and_differs_from_plain_adam():
     tx = logadam(1e-2)
     assert isinstance(tx, optax.GradientTransformationExtraArgs)
     assert not np.allclose(run(tx)["w"], run(optax.adam(1e-2))["w"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dampen_scale": 0.0}, r"^dampen_scale must be a finite number > 0"),
+        ({"dampen_scale": 1e30}, r"^dampen_scale must lie in \[1e-20, 1e\+20\]"),
+        ({"b1": 1.0}, r"^b1 must lie in \[0, 1\)"),
+        ({"b2": 1.0}, r"^b2 must lie in \[0, 1\)"),
+        ({"b2": -0.1}, r"^b2 must lie in \[0, 1\)"),
+    ],
+)
+def test_bad_arguments_are_refused_under_their_own_names(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        logadam(1e-3, **kwargs)
+
+
+@pytest.mark.parametrize("jit_init", [False, True], ids=["eager_init", "jitted_init"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_inject_hyperparams_with_half_precision_params_is_refused_not_nan(dtype, jit_init):
+    """Half-precision params give half-precision hyperparameters: b2 = 0.999 becomes 1
+    in bfloat16 (Adam divides by zero) and eps = 1e-8 becomes 0 in float16 (0 / 0 for a
+    zero gradient). Refused even when ``init`` is traced and no value can be read."""
+    tx = optax.inject_hyperparams(logadam)(learning_rate=1e-2)
+    params = {"w": jnp.ones(3, dtype)}
+    init = jax.jit(tx.init) if jit_init else tx.init
+    with pytest.raises(ValueError, match=r"hyperparam_dtype=jnp\.float32"):
+        init(params)
+    tx = optax.inject_hyperparams(logadam, hyperparam_dtype=jnp.float32)(learning_rate=1e-2)
+    updates, _ = jax.jit(tx.update)(params, jax.jit(tx.init)(params), params)
+    assert np.all(np.isfinite(np.asarray(updates["w"], np.float32)))

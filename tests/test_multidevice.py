@@ -9,12 +9,16 @@ and equal, to float32 rounding, to a single-device run on the full batch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
+import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -322,26 +326,69 @@ def test_sharded_jit_matches_single_device_and_keeps_shardings(name, axis_type):
 
 # --------------------------------------------------------------------------- the example
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data_parallel.py"
-EXAMPLE_ARGS = ["--steps", "41", "--log-every", "20", "--spike-every", "40"]
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+EXAMPLE = "examples/data_parallel.py"
+TIMEOUT_S = 300  # the three processes together take ~30 s on 2 CPU cores
 
 
-def _run_example(*args: str) -> subprocess.Popen:
-    """Starts the example in a fresh process whose devices come from its own flags."""
+def _readme_commands(marker: str) -> list[list[str]]:
+    """The commands of the README's bash block that runs the example with ``marker``.
+
+    Continuation lines are joined and a trailing ``&`` (run in the background) dropped:
+    the test starts every command itself, concurrently.
+    """
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    block = next(b for b in blocks if EXAMPLE in b and marker in b)
+    commands = [shlex.split(line) for line in block.replace("\\\n", " ").splitlines()]
+    commands = [[token for token in c if token != "&"] for c in commands if c]
+    assert all(c[:2] == ["python", EXAMPLE] for c in commands), block
+    return commands
+
+
+def _start(command: list[str], port: int) -> subprocess.Popen:
+    """Starts one README command in its own process group, with the devices of its flags.
+
+    Only the coordinator's port changes (to a free one), so that a busy port 12345
+    cannot fail the test; every other flag is the README's, defaults included.
+    """
+    command = [re.sub(r"^localhost:\d+$", f"localhost:{port}", token) for token in command]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return subprocess.Popen(
-        [sys.executable, str(EXAMPLE), *EXAMPLE_ARGS, *args],
+        [sys.executable, *command[1:]],
+        cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # a process group: killed as a whole on a hang
     )
 
 
-def _finish(process: subprocess.Popen) -> str:
-    output, _ = process.communicate(timeout=240)
-    assert process.returncode == 0, output
-    return output
+def _finish_all(processes: list[subprocess.Popen], timeout: float) -> list[str]:
+    """The outputs of ``processes``; on a hang, SIGKILL every group and fail.
+
+    A hung multi-host JAX process ignores SIGTERM (``jax.distributed`` takes it as a
+    preemption notice), so only SIGKILL stops it.
+    """
+    deadline = time.monotonic() + timeout
+    outputs = []
+    try:
+        for process in processes:
+            output, _ = process.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            outputs.append(output)
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        partial = [process.communicate()[0] for process in processes]
+        pytest.fail(
+            f"the README's commands hung for {timeout} s; output so far:\n"
+            + "\n---\n".join(partial)
+        )
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output
+    return outputs
 
 
 def _step_lines(output: str) -> list[str]:
@@ -358,41 +405,51 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@functools.cache
-def _example_outputs() -> tuple[str, list[str]]:
-    """Output of a single-host run on 8 devices, and of a 2-process x 4-device job.
+_EXAMPLE_RUN: list[tuple[str, list[str]] | str] = []  # the one run's outputs, or its failure
 
-    The three processes start together: they overlap their start-up and compilation.
+
+def _example_outputs() -> tuple[str, list[str]]:
+    """Outputs of the README's single-host command and of its two-process job.
+
+    The commands are the README's own, with their default flags (300 steps): with these
+    the two-process job once hung, which shorter test-only flags did not show. The
+    three processes start together: they overlap their start-up and compilation. They
+    run once for both tests; a failure (a hang included) fails both without a rerun.
     """
-    single_host = _run_example("--simulate-devices=8")
-    coordinator = f"localhost:{_free_port()}"
-    multihost = [
-        _run_example(
-            "--simulate-devices=4",
-            f"--coordinator-address={coordinator}",
-            "--num-processes=2",
-            f"--process-id={rank}",
-        )
-        for rank in range(2)
-    ]
-    return _finish(single_host), [_finish(process) for process in multihost]
+    if not _EXAMPLE_RUN:
+        (single_host,) = _readme_commands("--simulate-devices 8")
+        multihost = _readme_commands("--num-processes 2")
+        assert len(multihost) == 2
+        port = _free_port()
+        processes = [_start(command, port) for command in [single_host, *multihost]]
+        try:
+            single_host_output, *multihost_outputs = _finish_all(processes, TIMEOUT_S)
+            _EXAMPLE_RUN.append((single_host_output, multihost_outputs))
+        except BaseException as error:  # pytest.fail raises an outcome, not an Exception
+            _EXAMPLE_RUN.append(str(error))
+            raise
+    if isinstance(_EXAMPLE_RUN[0], str):
+        pytest.fail(_EXAMPLE_RUN[0])
+    return _EXAMPLE_RUN[0]
 
 
 def test_example_runs_on_eight_simulated_devices():
     output, _ = _example_outputs()
     assert "1 process(es), 8 devices (cpu)" in output
     lines = _step_lines(output)
-    assert [line.split()[1] for line in lines] == ["0", "20", "40"]
+    assert [int(line.split()[1]) for line in lines] == [*range(0, 300, 30), 299]
     assert "scale 1.000" in lines[1] and "num_clipped 0" in lines[1]
-    assert "num_clipped 1" in lines[2] and "scale 1.000" not in lines[2]  # the spike, clipped
-    assert "done: 41 steps" in output
+    assert "num_clipped 1" in lines[2] and "scale 1.000" not in lines[2]  # step 60, clipped
+    assert "num_clipped 4" in lines[-1]  # the spikes at steps 60, 120, 180 and 240
+    assert "done: 300 steps" in output
 
 
 def test_example_multihost_matches_single_host():
     """Two processes x 4 CPU devices joined by jax.distributed: the same training run."""
     single_host, (process_0, process_1) = _example_outputs()
     assert "2 process(es), 8 devices (cpu)" in process_0
-    assert _step_lines(process_1) == []  # only process 0 logs
+    assert "done: 300 steps" in process_0
+    assert _step_lines(process_1) == []  # only process 0 prints
     multihost_numbers = [_numbers(line) for line in _step_lines(process_0)]
     single_host_numbers = [_numbers(line) for line in _step_lines(single_host)]
     np.testing.assert_allclose(multihost_numbers, single_host_numbers, rtol=1e-3)

@@ -1,9 +1,12 @@
 """Smoke test of benchmarks/spike_benchmark.py: a tiny run produces the table and figure."""
 
+import importlib.util
 import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "spike_benchmark.py"
@@ -43,3 +46,25 @@ def test_tiny_benchmark_writes_table_and_figure(tmp_path):
     figure = (tmp_path / "spike_benchmark.png").read_bytes()
     assert figure[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(figure) > 10_000  # a real plot, not an empty canvas
+
+
+def test_default_output_is_ignored_by_git(monkeypatch):
+    """The README's main command must leave a clone clean: by default the report goes
+    to a directory git ignores; the committed results are rewritten only on request."""
+    git = ["git", "-C", str(ROOT)]
+    if subprocess.run([*git, "rev-parse"], capture_output=True, check=False).returncode:
+        pytest.skip("not a git checkout")
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # its helpers, as for `python SCRIPT`
+    spec = importlib.util.spec_from_file_location("spike_benchmark", SCRIPT)
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, benchmark)  # dataclasses look it up
+    spec.loader.exec_module(benchmark)
+    calls = []
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda *args: calls.append(args))
+    benchmark.main([])  # the README's command: no flags
+    benchmark.main(["--out", "benchmarks/results"])  # regenerate the committed report
+    (_, _, _, default_out, *_), (_, _, _, requested_out, *_) = calls
+    for name in ("spike_benchmark.md", "spike_benchmark.png"):
+        ignored = subprocess.run([*git, "check-ignore", "-q", os.path.join(default_out, name)])
+        assert ignored.returncode == 0, f"{default_out}/{name} is not ignored by git"
+    assert requested_out == "benchmarks/results"
