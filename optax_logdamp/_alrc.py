@@ -41,15 +41,17 @@ class ALRCState(NamedTuple):
     Every field is a scalar array; the state is the same size whatever the model.
     """
 
-    count: jax.Array  # shape=(), int32: steps folded into mean/var since they (re)started
-    mean: jax.Array  # shape=(), float32: running mean of the capped loss
-    var: jax.Array  # shape=(), float32: running variance of the capped loss
-    threshold: jax.Array  # shape=(), float32: cap for the NEXT loss (+inf before any)
-    scale: jax.Array  # shape=(), float32: gradient factor applied at the last step
-    num_steps: jax.Array  # shape=(), int32: steps with a finite loss
-    num_losses: jax.Array  # shape=(), int32: losses seen in those steps (examples if per-example)
-    num_clipped: jax.Array  # shape=(), int32: losses capped (examples if per-example)
-    num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite loss
+    # `count` is the SPEC's name (as in optax's states); as a field it shadows tuple.count.
+    #: shape=(), int32: steps folded into mean/var since they (re)started
+    count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
+    mean: jax.Array  #: shape=(), float32: running mean of the capped loss
+    var: jax.Array  #: shape=(), float32: running variance of the capped loss
+    threshold: jax.Array  #: shape=(), float32: cap for the NEXT loss (+inf before any)
+    scale: jax.Array  #: shape=(), float32: gradient factor applied at the last step
+    num_steps: jax.Array  #: shape=(), int32: steps with a finite loss
+    num_losses: jax.Array  #: shape=(), int32: losses seen in those steps (examples if per-example)
+    num_clipped: jax.Array  #: shape=(), int32: losses capped (examples if per-example)
+    num_nonfinite: jax.Array  #: shape=(), int32: steps skipped for a non-finite loss
 
 
 class ALRCSignalsState(NamedTuple):
@@ -126,7 +128,7 @@ def _fold(rule: _Rule, state: ALRCState, batch_mean, batch_var):
     ``mean / (1 + num_stddev)`` restarts the statistics from it: the earlier losses
     were a spike (or a steep start) and must not set the scale of what follows.
     """
-    count = optax.safe_increment(state.count)
+    count = jnp.asarray(optax.safe_increment(state.count))
     if rule.from_data:
         alpha = jnp.minimum(1.0, (1 - rule.decay) / (1 - lax.pow(rule.decay, count)))
     else:
@@ -150,7 +152,7 @@ def _fold(rule: _Rule, state: ALRCState, batch_mean, batch_var):
 def _advance(rule, state, *, finite, batch_mean, batch_var, scale, num_losses, num_clipped):
     """The next state; a step with a non-finite loss only counts itself as skipped."""
     count, mean, var = _fold(rule, state, batch_mean, batch_var)
-    num_steps = optax.safe_increment(state.num_steps)
+    num_steps = jnp.asarray(optax.safe_increment(state.num_steps))
     advanced = ALRCState(
         count=count,
         mean=mean,
