@@ -336,8 +336,9 @@ def alrc(
     :math:`L / \mathrm{sg}(L / t)`, which scales every gradient by :math:`t / L`:
 
     .. math::
-      u \leftarrow u \cdot \min(1, t / L), \qquad
-      \mu \leftarrow \mu + a (L' - \mu), \qquad
+      u &\leftarrow u \cdot \min(1, t / L),
+
+      \mu &\leftarrow \mu + a (L' - \mu), \qquad
       \sigma^2 \leftarrow (1 - a)\left(\sigma^2 + a (L' - \mu_{\mathrm{old}})^2\right),
 
     where :math:`L' = \min(L, t)` is the capped loss and :math:`a = 1 - \beta`
@@ -360,7 +361,7 @@ def alrc(
     for losses that spike, as with quartic or corrupted-target regression.
 
     Starting point. With ``mu1_init`` and ``mu2_init`` (the paper's guessed loss
-    moments, e.g. 25 and 30**2; ``signal="loss"`` only) the rule is the paper's from
+    moments, e.g. 25 and ``30**2``; ``signal="loss"`` only) the rule is the paper's from
     the first step, with :math:`\sigma = \sqrt{\mu_2 - \mu_1^2 + 10^{-8}}`. By default no
     guess is needed: the averages are bias-corrected (:math:`a = (1-\beta)/(1-\beta^k)`,
     as Adam does), so clip decisions do not change when the loss (or the gradient) is
