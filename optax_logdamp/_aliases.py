@@ -28,10 +28,12 @@ def logadam(
     :math:`s` = ``dampen_scale``), then Adam runs as :func:`optax.adam` does:
 
     .. math::
-      \tilde g = s \operatorname{sign}(g) \log(1 + |g|/s), \quad
-      m \leftarrow \beta_1 m + (1-\beta_1)\tilde g, \quad
-      v \leftarrow \beta_2 v + (1-\beta_2)\tilde g^2, \quad
-      u = -\eta \frac{\hat m}{\sqrt{\hat v + \epsilon_{root}} + \epsilon}.
+      \tilde g &= s \operatorname{sign}(g) \log(1 + |g|/s),
+
+      m &\leftarrow \beta_1 m + (1-\beta_1)\tilde g, \quad
+      v \leftarrow \beta_2 v + (1-\beta_2)\tilde g^2,
+
+      u &= -\eta \frac{\hat m}{\sqrt{\hat v + \epsilon_{root}} + \epsilon}.
 
     Results equal ``optax.chain(log_dampen(dampen_scale), optax.adam(...))``.
 

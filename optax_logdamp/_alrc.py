@@ -62,15 +62,17 @@ class ALRCState(NamedTuple):
       num_nonfinite: int32: steps skipped because the loss was not finite.
     """
 
-    count: jax.Array  # shape=(), int32: steps folded into mean/var since they (re)started
-    mean: jax.Array  # shape=(), float32: running mean of the capped loss
-    var: jax.Array  # shape=(), float32: running variance of the capped loss
-    threshold: jax.Array  # shape=(), float32: cap for the NEXT loss (+inf before any)
-    scale: jax.Array  # shape=(), float32: gradient factor applied at the last step
-    num_steps: jax.Array  # shape=(), int32: steps with a finite loss
-    num_losses: jax.Array  # shape=(), int32: losses seen in those steps (examples if per-example)
-    num_clipped: jax.Array  # shape=(), int32: losses capped (examples if per-example)
-    num_nonfinite: jax.Array  # shape=(), int32: steps skipped for a non-finite loss
+    # `count` is the SPEC's name (as in optax's states); as a field it shadows tuple.count.
+    #: shape=(), int32: steps folded into mean/var since they (re)started
+    count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
+    mean: jax.Array  #: shape=(), float32: running mean of the capped loss
+    var: jax.Array  #: shape=(), float32: running variance of the capped loss
+    threshold: jax.Array  #: shape=(), float32: cap for the NEXT loss (+inf before any)
+    scale: jax.Array  #: shape=(), float32: gradient factor applied at the last step
+    num_steps: jax.Array  #: shape=(), int32: steps with a finite loss
+    num_losses: jax.Array  #: shape=(), int32: losses seen in those steps (examples if per-example)
+    num_clipped: jax.Array  #: shape=(), int32: losses capped (examples if per-example)
+    num_nonfinite: jax.Array  #: shape=(), int32: steps skipped for a non-finite loss
 
 
 @document_fields
@@ -153,7 +155,7 @@ def _fold(rule: _Rule, state: ALRCState, batch_mean, batch_var):
     ``mean / (1 + num_stddev)`` restarts the statistics from it: the earlier losses
     were a spike (or a steep start) and must not set the scale of what follows.
     """
-    count = optax.safe_increment(state.count)
+    count = jnp.asarray(optax.safe_increment(state.count))
     if rule.from_data:
         alpha = jnp.minimum(1.0, (1 - rule.decay) / (1 - lax.pow(rule.decay, count)))
     else:
@@ -177,7 +179,7 @@ def _fold(rule: _Rule, state: ALRCState, batch_mean, batch_var):
 def _advance(rule, state, *, finite, batch_mean, batch_var, scale, num_losses, num_clipped):
     """The next state; a step with a non-finite loss only counts itself as skipped."""
     count, mean, var = _fold(rule, state, batch_mean, batch_var)
-    num_steps = optax.safe_increment(state.num_steps)
+    num_steps = jnp.asarray(optax.safe_increment(state.num_steps))
     advanced = ALRCState(
         count=count,
         mean=mean,
@@ -359,8 +361,9 @@ def alrc(
     :math:`L / \mathrm{sg}(L / t)`, which scales every gradient by :math:`t / L`:
 
     .. math::
-      u \leftarrow u \cdot \min(1, t / L), \qquad
-      \mu \leftarrow \mu + a (L' - \mu), \qquad
+      u &\leftarrow u \cdot \min(1, t / L),
+
+      \mu &\leftarrow \mu + a (L' - \mu), \qquad
       \sigma^2 \leftarrow (1 - a)\left(\sigma^2 + a (L' - \mu_{\mathrm{old}})^2\right),
 
     where :math:`L' = \min(L, t)` is the capped loss and :math:`a = 1 - \beta`
@@ -383,7 +386,7 @@ def alrc(
     for losses that spike, as with quartic or corrupted-target regression.
 
     Starting point. With ``mu1_init`` and ``mu2_init`` (the paper's guessed loss
-    moments, e.g. 25 and 30**2; ``signal="loss"`` only) the rule is the paper's from
+    moments, e.g. 25 and ``30**2``; ``signal="loss"`` only) the rule is the paper's from
     the first step, with :math:`\sigma = \sqrt{\mu_2 - \mu_1^2 + 10^{-8}}`. By default no
     guess is needed: the averages are bias-corrected (:math:`a = (1-\beta)/(1-\beta^k)`,
     as Adam does), so clip decisions do not change when the loss (or the gradient) is

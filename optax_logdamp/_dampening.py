@@ -281,12 +281,12 @@ def _check_scale(scale: chex.Numeric, name: str = "scale") -> None:
         )
 
 
-def _cast_scale(scale: jax.Array | float, dtype: jnp.dtype) -> jax.Array | float:
+def _cast_scale(scale: chex.Numeric, dtype: jnp.dtype) -> jax.Array | float:
     """A Python number stays weakly typed; an array is cast to the compute dtype."""
     return scale if isinstance(scale, (int, float)) else jnp.asarray(scale, dtype)
 
 
-def dampen(g: jax.Array, scale: jax.Array | float = 1.0) -> jax.Array:
+def dampen(g: jax.Array, scale: chex.Numeric = 1.0) -> jax.Array:
     """Log-dampens one array: ``scale * sign(g) * log1p(|g| / scale)``.
 
     Real inputs keep their sign; complex inputs keep their phase and have their

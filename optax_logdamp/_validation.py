@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
