@@ -226,7 +226,9 @@ def _signal_states(state):
 
 @hypothesis.settings(max_examples=60, deadline=None)
 @hypothesis.given(
-    norms=st.lists(st.floats(0.0, 2.0**50, allow_subnormal=False, width=32), min_size=2, max_size=30)
+    norms=st.lists(
+        st.floats(0.0, 2.0**50, allow_subnormal=False, width=32), min_size=2, max_size=30
+    )
 )
 def test_factor_is_in_the_unit_interval_and_never_flips_a_sign(norms):
     grads = gradients_with_norms(np.asarray(norms, np.float64))
