@@ -15,6 +15,7 @@ from optax_logdamp._alrc import ALRCState as ALRCState
 from optax_logdamp._alrc import alrc as alrc
 from optax_logdamp._alrc import alrc_per_example as alrc_per_example
 from optax_logdamp._alrc import cap_losses as cap_losses
+from optax_logdamp._dampening import LogDampenState as LogDampenState
 from optax_logdamp._dampening import dampen as dampen
 from optax_logdamp._dampening import log_dampen as log_dampen
 from optax_logdamp._diagnostics import alrc_diagnostics as alrc_diagnostics
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ALRCSignalsState",
     "ALRCState",
+    "LogDampenState",
     "alrc",
     "alrc_diagnostics",
     "alrc_per_example",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import chex
 import jax.numpy as jnp
 import optax
@@ -17,7 +19,7 @@ def logadam(
     eps: chex.Numeric = 1e-8,
     eps_root: chex.Numeric = 0.0,
     *,
-    dampen_scale: chex.Numeric = 1.0,
+    dampen_scale: chex.Numeric | Literal["auto"] = 1.0,
     mu_dtype: jnp.dtype | None = None,
     nesterov: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -37,6 +39,11 @@ def logadam(
 
     Results equal ``optax.chain(log_dampen(dampen_scale), optax.adam(...))``.
 
+    ``dampen_scale="auto"`` gives each tensor a knee at 3 times the running RMS of its
+    dampened gradients (``log_dampen("auto")``): the dampening then engages on spikes
+    whatever the units of the gradient, where the seed's knee at 1 never does for
+    gradients of about 1e-3. The extra state is one scalar per tensor.
+
     ``b1``, ``b2`` and ``eps`` must be float32 or wider: in bfloat16, ``b2 = 0.999``
     rounds to 1 and Adam divides by zero, so such values (which
     ``optax.inject_hyperparams`` produces for half-precision parameters unless given
@@ -48,7 +55,8 @@ def logadam(
       b2: Adam's decay of the second moment, in ``[0, 1)``.
       eps: added to the denominator outside the square root.
       eps_root: added to the second moment inside the square root.
-      dampen_scale: the knee :math:`s > 0` of the dampening.
+      dampen_scale: the knee :math:`s > 0` of the dampening, or ``"auto"`` (a knee per
+        tensor that follows its running RMS; see :func:`log_dampen`).
       mu_dtype: dtype of the first moment (``None``: that of the parameters).
       nesterov: whether to use Nesterov momentum (NAdam).
 
@@ -76,7 +84,10 @@ def logadam(
     check_decay_rate("b1", b1)
     check_decay_rate("b2", b2)
     check_not_half_precision("eps", eps)
-    if not isinstance(dampen_scale, str):  # a string names a mode: log_dampen checks it
+    if isinstance(dampen_scale, str):
+        if dampen_scale != "auto":
+            raise ValueError(f'dampen_scale must be a number or "auto", got {dampen_scale!r}.')
+    else:
         _check_scale(dampen_scale, "dampen_scale")
     return optax.chain(
         log_dampen(dampen_scale),

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal, NamedTuple
+
 import chex
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
+from optax_logdamp._docs import document_fields
 from optax_logdamp._log1p_kernel import MAX_SCALE, MIN_SCALE, dampen_magnitude, with_sign_of
-from optax_logdamp._validation import as_float, check_inexact_leaves, check_positive
+from optax_logdamp._validation import (
+    as_float,
+    check_inexact_leaves,
+    check_not_half_precision,
+    check_open_unit_interval,
+    check_positive,
+)
 
 
 def _check_scale(scale: chex.Numeric, name: str = "scale") -> None:
@@ -74,7 +84,29 @@ def dampen(g: jax.Array, scale: chex.Numeric = 1.0) -> jax.Array:
     return out
 
 
-def log_dampen(scale: chex.Numeric = 1.0) -> optax.GradientTransformation:
+@document_fields
+class LogDampenState(NamedTuple):
+    """State of ``log_dampen(scale="auto")``: the running scale of each tensor's updates.
+
+    Attributes:
+      count: int32: steps folded into ``mean_square`` (steps with non-finite updates
+        are not).
+      mean_square: one float32 scalar per leaf of the updates, in their tree structure:
+        the exponential moving average of the mean of the squared dampened updates.
+    """
+
+    # `count`, as in optax's states; as a field it shadows tuple.count.
+    #: shape=(), int32: steps folded into mean_square
+    count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
+    mean_square: Any  #: like the updates, one float32 scalar per leaf
+
+
+def log_dampen(
+    scale: chex.Numeric | Literal["auto"] = 1.0,
+    *,
+    auto_multiple: chex.Numeric = 3.0,
+    auto_decay: chex.Numeric = 0.999,
+) -> optax.GradientTransformation:
     r"""Compresses every update element logarithmically (the "LogAdam" dampening).
 
     Each element :math:`g` of the updates becomes
@@ -89,6 +121,27 @@ def log_dampen(scale: chex.Numeric = 1.0) -> optax.GradientTransformation:
     :math:`88.7 s`), so a gradient spike is compressed instead of applied. It needs no
     threshold: :math:`s` only sets the knee where compression starts.
 
+    ``scale="auto"``: a knee in the gradient's own units. A numeric knee is absolute:
+    at the seed's :math:`s = 1` the gradients of a transformer (about :math:`10^{-3}`)
+    are never compressed. With ``"auto"`` each tensor (leaf of the updates) gets the knee
+
+    .. math::
+      s_T = k \cdot \mathrm{RMS}_T, \qquad
+      \mathrm{RMS}_T^2 = \frac{\nu_T}{1 - \beta^t}, \qquad
+      \nu_T \leftarrow \beta \nu_T + (1 - \beta) \operatorname{mean}_T(\tilde g^2),
+
+    where :math:`\tilde g` are the tensor's dampened updates, :math:`k` is
+    ``auto_multiple`` and :math:`\beta` is ``auto_decay``: :math:`k` times the running
+    root mean square of that tensor's updates over the previous steps (bias-corrected,
+    as Adam's moments are). Ordinary updates, below a few times their tensor's typical
+    size, pass almost unchanged; a spike that is tens of times larger is compressed
+    logarithmically, whatever the units of the gradient. Multiplying a tensor's
+    gradients by any :math:`c > 0` multiplies its dampened updates by :math:`c`. The
+    running scale learns from the dampened values, so a spike hardly raises the knee
+    that judges the next one. The first step, and a tensor whose updates have all been
+    zero, pass unchanged (there is no scale yet); a step with a non-finite update is
+    dampened but not folded into the scale. The state is one scalar per tensor.
+
     NaN stays NaN and infinities stay infinite: a broken step is not hidden (wrap the
     optimizer in :func:`optax.apply_if_finite` to skip such steps). Half-precision
     updates are dampened in float32 and rounded once; the dtype of every leaf is
@@ -99,13 +152,18 @@ def log_dampen(scale: chex.Numeric = 1.0) -> optax.GradientTransformation:
 
     Args:
       scale: the knee :math:`s`, in the units of the gradient, in ``[1e-20, 1e20]``
-        (beyond, float32 intermediates would leave the normal range). Gradients much
-        smaller than ``scale`` pass almost unchanged. May be a traced array
-        (``optax.inject_hyperparams``); a traced value is not checked, and outside
-        that range float32 results lose accuracy.
+        (beyond, float32 intermediates would leave the normal range), or ``"auto"``.
+        Gradients much smaller than ``scale`` pass almost unchanged. May be a traced
+        array (``optax.inject_hyperparams``); a traced value is not checked, and
+        outside that range float32 results lose accuracy.
+      auto_multiple: with ``scale="auto"``, :math:`k > 0`: the knee in units of the
+        tensor's running RMS.
+      auto_decay: with ``scale="auto"``, :math:`\beta \in (0, 1)`: the decay of the
+        running mean square.
 
     Returns:
-      A stateless :class:`optax.GradientTransformation`.
+      An :class:`optax.GradientTransformation`: stateless for a numeric ``scale``;
+      with ``"auto"`` its state is a :class:`LogDampenState`.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -119,11 +177,25 @@ def log_dampen(scale: chex.Numeric = 1.0) -> optax.GradientTransformation:
       >>> updates["w"]
       Array([-9.9950039e-04, -6.9314718e-01, -1.3815512e+01], dtype=float32)
 
+      With ``"auto"`` a spike is compressed relative to the tensor's usual size:
+
+      >>> tx = log_dampen("auto")
+      >>> state = tx.init(params)
+      >>> for _ in range(10):
+      ...   _, state = tx.update({"w": jnp.full(3, 1e-3)}, state)
+      >>> updates, state = tx.update({"w": jnp.array([1e-3, -3e-3, 1.0])}, state)
+      >>> updates["w"]  # ordinary sizes shrink by 15 %, the spike by 65x
+      Array([ 0.00084612, -0.00199498,  0.01548504], dtype=float32)
+
     References:
       D. MacDonald, `A Magnetosphere for Neural Networks: the LogAdam optimizer
       <https://torontoai.org/2018/03/31/a-magnetosphere-for-neural-networks/>`_,
       2018.
     """
+    if isinstance(scale, str):
+        if scale != "auto":
+            raise ValueError(f'scale must be a number or "auto", got {scale!r}.')
+        return _log_dampen_auto(auto_multiple, auto_decay)
     _check_scale(scale)
 
     def update_fn(updates, state, params=None):
@@ -133,3 +205,48 @@ def log_dampen(scale: chex.Numeric = 1.0) -> optax.GradientTransformation:
         return jax.tree.map(lambda g: dampen(g, scale), updates), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def _mean_square(x: jax.Array) -> jax.Array:
+    """The mean of ``|x|**2`` in float32 (or wider)."""
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        x = jnp.abs(x)
+    return jnp.mean(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32))))
+
+
+def _log_dampen_auto(multiple: chex.Numeric, decay: chex.Numeric) -> optax.GradientTransformation:
+    """``log_dampen(scale="auto")``: each tensor's knee follows its running RMS."""
+    check_positive("auto_multiple", multiple)
+    check_not_half_precision("auto_decay", decay)
+    check_open_unit_interval("auto_decay", decay)
+
+    def init_fn(params):
+        mean_square = jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params)
+        return LogDampenState(count=jnp.zeros([], jnp.int32), mean_square=mean_square)
+
+    def update_fn(updates, state, params=None):
+        if params is not None:
+            chex.assert_trees_all_equal_shapes(updates, params)
+        check_inexact_leaves("log_dampen", updates)
+        bias_correction = 1 - lax.pow(jnp.asarray(decay, jnp.float32), state.count)
+
+        def dampen_leaf(g, mean_square):
+            has_scale = (state.count > 0) & (mean_square > 0)
+            rms = jnp.sqrt(mean_square / jnp.where(has_scale, bias_correction, 1.0))
+            knee = jnp.clip(multiple * rms, MIN_SCALE, MAX_SCALE)
+            return jnp.where(has_scale, dampen(g, jnp.where(has_scale, knee, 1.0)), g)
+
+        damped = jax.tree.map(dampen_leaf, updates, state.mean_square)
+        step_mean_square = jax.tree.map(_mean_square, damped)
+        finite = jnp.all(jnp.isfinite(jnp.stack(jax.tree.leaves(step_mean_square) or [0.0])))
+        mean_square = jax.tree.map(
+            lambda old, new: jnp.where(finite, decay * old + (1 - decay) * new, old),
+            state.mean_square,
+            step_mean_square,
+        )
+        count = jnp.where(finite, optax.safe_increment(state.count), state.count)
+        new_state = LogDampenState(count=count, mean_square=mean_square)
+        chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+        return damped, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
