@@ -155,6 +155,21 @@ CONTENDERS: tuple[Contender, ...] = (
     Contender("alrc + adam", lambda lr, hp: optax.chain(old.alrc(), optax.adam(lr))),
     Contender("alrc + logadam", lambda lr, hp: optax.chain(old.alrc(), old.logadam(lr))),
     Contender(
+        "alrc(grad_norm) + adam",
+        lambda lr, hp: optax.chain(old.alrc(signal="grad_norm"), optax.adam(lr)),
+    ),
+    Contender("logadam(auto)", lambda lr, hp: old.logadam(lr, dampen_scale="auto")),
+    Contender(
+        "alrc(grad_norm) + logadam(auto)",
+        lambda lr, hp: optax.chain(
+            old.alrc(signal="grad_norm"), old.logadam(lr, dampen_scale="auto")
+        ),
+    ),
+    Contender(
+        "alrc(both) + logadam(auto)",
+        lambda lr, hp: optax.chain(old.alrc(signal="both"), old.logadam(lr, dampen_scale="auto")),
+    ),
+    Contender(
         "alrc_per_example + adam",
         lambda lr, hp: optax.chain(old.alrc_per_example(), optax.adam(lr)),
         per_example=True,
@@ -303,6 +318,18 @@ def markdown_table(
     return "\n".join(lines)
 
 
+TARGET_METHODS = (
+    "adam",
+    "alrc + adam",
+    "alrc + logadam",
+    "alrc_per_example + adam",
+    "alrc(grad_norm) + adam",
+    "logadam(auto)",
+    "alrc(grad_norm) + logadam(auto)",
+    "alrc(both) + logadam(auto)",
+)
+
+
 def target_report(results: dict, batch_sizes: Sequence[int]) -> str:
     """SPEC section 4 checks: corrupted vs clean within 2 %, clean vs Adam within noise."""
     lines = [
@@ -312,7 +339,7 @@ def target_report(results: dict, batch_sizes: Sequence[int]) -> str:
     ]
     for batch in batch_sizes:
         adam_clean = results["adam", batch, "mse_stable"]
-        for name in ("adam", "alrc + adam", "alrc + logadam", "alrc_per_example + adam"):
+        for name in TARGET_METHODS:
             if (name, batch, "mse_stable") not in results:
                 continue
             clean = results[name, batch, "mse_stable"]
@@ -338,7 +365,8 @@ def plot(curves: dict, results: dict, batch_sizes, contender_names, path: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = dict(zip(contender_names, plt.cm.tab10.colors, strict=False))
+    colors = dict(zip(contender_names, plt.cm.tab20.colors, strict=False))
+    styles = dict(zip(contender_names, ["-", "--", "-.", ":"] * 5, strict=False))
     nrows = len(batch_sizes) + 1
     fig, axes = plt.subplots(nrows, len(SCENARIOS), figsize=(18, 4.2 * nrows), squeeze=False)
     for row, batch in enumerate(batch_sizes):
@@ -350,7 +378,7 @@ def plot(curves: dict, results: dict, batch_sizes, contender_names, path: str) -
                     continue
                 width = max(1, len(curve) // 250)
                 x, y = smooth(np.where(np.isfinite(curve), curve, np.nan), width)
-                ax.plot(x, y, lw=0.9, color=colors[name], label=name)
+                ax.plot(x, y, lw=0.9, color=colors[name], ls=styles[name], label=name)
             ax.set_yscale("log")
             ax.set_title(f"{scenario.name}, batch {batch} (seed 0)", fontsize=10)
             ax.set_xlabel("step")

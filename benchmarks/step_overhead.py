@@ -16,8 +16,10 @@ the faster Adam runner's time in the same round.
 
 Contenders: ``adam`` and ``adam (control)``, the same step twice, whose ratios show
 the noise floor of the run; ``logadam``; ``alrc+adam``; ``alrc+logadam``; per-example ALRC
-(``alrc_per_example`` + adam, fed a vector of per-example losses); and
-``clip_by_global_norm+adam``. ``naive_logdamp+adam`` is a reference row: the
+(``alrc_per_example`` + adam, fed a vector of per-example losses); the modes for
+transformer language models, ``alrc(grad_norm)+adam``, ``logadam(auto)`` and
+``alrc(grad_norm)+logadam(auto)``; and ``clip_by_global_norm+adam``.
+``naive_logdamp+adam`` is a reference row: the
 straightforward ``sign(g) * log1p(|g|)`` as an ``optax.stateless`` transform before
 Adam, the formulation this package's ``log_dampen`` replaces.
 
@@ -90,6 +92,13 @@ def contenders() -> list[Contender]:
         Contender("alrc+adam", optax.chain(alrc(), adam), "scalar"),
         Contender("alrc+logadam", optax.chain(alrc(), logadam(LEARNING_RATE)), "scalar"),
         Contender("alrc_per_example+adam", optax.chain(alrc_per_example(), adam), "vector"),
+        Contender("alrc(grad_norm)+adam", optax.chain(alrc(signal="grad_norm"), adam), "none"),
+        Contender("logadam(auto)", logadam(LEARNING_RATE, dampen_scale="auto"), "none"),
+        Contender(
+            "alrc(grad_norm)+logadam(auto)",
+            optax.chain(alrc(signal="grad_norm"), logadam(LEARNING_RATE, dampen_scale="auto")),
+            "none",
+        ),
         Contender(
             "clip_by_global_norm+adam", optax.chain(optax.clip_by_global_norm(1.0), adam), "none"
         ),

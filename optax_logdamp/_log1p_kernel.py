@@ -42,6 +42,7 @@ _LN2_HI = 0.693359375  # exact in float32; _LN2_HI + _LN2_LO = log(2)
 _LN2_LO = -2.12194440e-4
 _SQRT_HALF_BITS = 0x3F3504F3  # float32 bits of sqrt(1/2)
 _ONE_BITS = 0x3F800000
+_SQRT_HALF = 0.70710677  # float32 just below sqrt(1/2)
 _SQRT2_MINUS_1 = 0.41421354  # float32 just below sqrt(2) - 1, where k == 0 ends
 # Outside this range some float32 intermediates (s * (log1p(r) - r), the two-term
 # reciprocal of s) fall below the normal range, and XLA on CPU flushes them to zero:
@@ -207,7 +208,9 @@ def _is_power_of_two(value: float) -> bool:
     return math.frexp(value)[0] == 0.5
 
 
-def dampen_magnitude(magnitude: jax.Array, scale: jax.Array | float) -> jax.Array:
+def dampen_magnitude(
+    magnitude: jax.Array, scale: jax.Array | float, *, power_of_two: bool = False
+) -> jax.Array:
     """``scale * log1p(magnitude / scale)`` for ``magnitude >= 0``, overflow-safe.
 
     The ratio ``magnitude / scale`` is computed by :func:`_ratio`. It overflows to ``inf``
@@ -217,9 +220,11 @@ def dampen_magnitude(magnitude: jax.Array, scale: jax.Array | float) -> jax.Arra
 
     For float32 the result is within 2 ulp of the float64 formula for every scale in
     ``[MIN_SCALE, MAX_SCALE]`` (below 1 ulp for a power of two, where the ratio and
-    the product are exact).
+    the product are exact). ``power_of_two`` says that a traced ``scale`` is a power of
+    two: it then takes that exact path too, which is also the cheapest.
     """
     concrete_scale = as_float(scale)
+    exact = power_of_two or (concrete_scale is not None and _is_power_of_two(concrete_scale))
     if magnitude.dtype != jnp.float32:  # float64: XLA's own log1p, speed matters less
         ratio = magnitude / scale
         compressed = jnp.log1p(ratio)
@@ -232,7 +237,10 @@ def dampen_magnitude(magnitude: jax.Array, scale: jax.Array | float) -> jax.Arra
         # log1p(x) <= x in exact arithmetic; the minimum keeps |out| <= |g| after rounding.
         return jnp.minimum(scale * compressed, magnitude)
 
-    ratio = _ratio(magnitude, scale, concrete_scale)
+    if exact and concrete_scale is None:
+        ratio = magnitude * (1.0 / scale)  # the reciprocal of a power of two is exact
+    else:
+        ratio = _ratio(magnitude, scale, concrete_scale)
     if concrete_scale is not None and concrete_scale >= 1.0:
         x, overflow, log_scale = ratio, None, 0.0
     else:
@@ -242,7 +250,7 @@ def dampen_magnitude(magnitude: jax.Array, scale: jax.Array | float) -> jax.Arra
         log_scale = math.log(concrete_scale) if concrete_scale is not None else jnp.log(scale)
         log_scale = jnp.where(overflow, log_scale, 0.0)
     parts = _log1p_f32(x, overflow)
-    if concrete_scale is not None and _is_power_of_two(concrete_scale):
+    if exact:
         out = scale * (parts.rounded() - log_scale)  # exact scaling: one rounding
     else:
         # Rounding log1p first and then the product would cost up to an ulp more
@@ -270,3 +278,15 @@ def with_sign_of(magnitude: jax.Array, g: jax.Array) -> jax.Array:
     sign = lax.bitcast_convert_type(g, jnp.uint32) & jnp.uint32(0x80000000)
     bits = lax.bitcast_convert_type(magnitude, jnp.uint32) | sign
     return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def nearest_power_of_two(x: jax.Array) -> jax.Array:
+    """The power of two nearest to a float32 ``x > 0`` on a log scale, in ``[2**-66, 2**66]``.
+
+    Exact (built from the exponent bits); the result is within a factor ``sqrt(2)`` of
+    ``x`` inside that range, which lies within ``[MIN_SCALE, MAX_SCALE]``.
+    """
+    mantissa, exponent = jnp.frexp(jnp.asarray(x, jnp.float32))  # mantissa in [0.5, 1)
+    exponent = exponent - (mantissa < _SQRT_HALF).astype(exponent.dtype)
+    exponent = jnp.clip(exponent, -66, 66)
+    return _pow2_biased(exponent + 127)

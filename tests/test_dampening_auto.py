@@ -17,13 +17,18 @@ import pytest
 from optax_logdamp import LogDampenState, dampen, log_dampen, logadam
 
 
+def nearest_power_of_two(x):
+    """2**round(log2(x)), in float64."""
+    return 2.0 ** np.round(np.log2(x))
+
+
 def auto_reference(grads, multiple=3.0, decay=0.999):
     """The rule in float64 for one tensor: the dampened updates of every step."""
     count, mean_square, outputs = 0, 0.0, []
     for g in grads:
         g = np.asarray(g, np.float64)
         if count > 0 and mean_square > 0:
-            knee = multiple * np.sqrt(mean_square / (1 - decay**count))
+            knee = nearest_power_of_two(multiple * np.sqrt(mean_square / (1 - decay**count)))
             out = knee * np.sign(g) * np.log1p(np.abs(g) / knee)
         else:
             out = g
@@ -68,15 +73,25 @@ def test_matches_a_float64_reference_over_a_long_sequence(multiple, decay):
         assert compressed.any(axis=tuple(range(1, g.ndim))).mean() > 0.01  # spikes are cut
 
 
-@pytest.mark.parametrize("factor", [1e-6, 3.0, 2.0**20])
+@pytest.mark.parametrize("factor", [2.0**-20, 0.5, 2.0**20])
 def test_each_tensor_is_dampened_in_its_own_units(factor):
-    """Multiplying one tensor's gradients by c multiplies its dampened updates by c."""
+    """Multiplying one tensor's gradients by 2**j multiplies its dampened updates by 2**j."""
     grads = {"w": gradient_sequence(400, seed=3), "b": gradient_sequence(400, 4, (8,))}
     base, _ = run(log_dampen("auto"), grads)
     scaled_grads = {"w": grads["w"] * np.float32(factor), "b": grads["b"]}
     scaled, _ = run(log_dampen("auto"), scaled_grads)
-    np.testing.assert_allclose(scaled["w"], np.asarray(base["w"]) * factor, rtol=2e-5)
+    np.testing.assert_allclose(scaled["w"], np.asarray(base["w"]) * factor, rtol=1e-6)
     np.testing.assert_array_equal(scaled["b"], base["b"])
+
+
+@pytest.mark.parametrize("factor", [1e-6, 3.0, 1e4])
+def test_the_knee_follows_any_unit_change_within_sqrt2(factor):
+    """For any c > 0 the knee scales with c up to the power-of-two rounding."""
+    grads = gradient_sequence(400, seed=3)
+    _, base = run(log_dampen("auto"), {"w": grads})
+    _, scaled = run(log_dampen("auto"), {"w": grads * np.float32(factor)})
+    ratio = np.sqrt(scaled.mean_square["w"] / base.mean_square["w"]) / factor
+    assert 2**-0.5 <= ratio <= 2**0.5
 
 
 def test_first_step_and_all_zero_tensors_pass_unchanged():
@@ -149,7 +164,8 @@ def test_dtypes_are_kept_and_statistics_are_float32(dtype):
         updates, state = tx.update({"w": jnp.full(8, value, dtype)}, state)
     assert updates["w"].dtype == dtype
     assert state.mean_square["w"].dtype == jnp.float32
-    expected = dampen(jnp.float32(50.0), 3.0 * np.sqrt(float(state_rms_before(dtype))))
+    knee = nearest_power_of_two(3.0 * np.sqrt(float(state_rms_before(dtype))))
+    expected = dampen(jnp.float32(50.0), knee)
     np.testing.assert_allclose(float(updates["w"][0]), float(expected), rtol=1e-2)
 
 

@@ -19,6 +19,10 @@ CONTENDERS = (
     "logadam",
     "alrc + adam",
     "alrc + logadam",
+    "alrc(grad_norm) + adam",
+    "logadam(auto)",
+    "alrc(grad_norm) + logadam(auto)",
+    "alrc(both) + logadam(auto)",
     "alrc_per_example + adam",
 )
 SCENARIOS = ("quartic_high_lr", "mse_stable", "mse_corrupt", "mse_high_lr")
