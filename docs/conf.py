@@ -49,6 +49,9 @@ myst_heading_anchors = 3
 # API reference: Google-style docstrings, signatures as written in the source.
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
+# State fields: the Attributes: sections say each field's dtype and meaning; the
+# annotation (``jax.Array``, printed as ``jax.jaxlib._jax.Array``) would add nothing.
+napoleon_attr_annotations = False
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_typehints_format = "short"

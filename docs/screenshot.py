@@ -43,8 +43,11 @@ PAGES = [
     "guide/log_dampen",
     "guide/alrc",
     "guide/data_parallel",
+    "guide/diagnostics",
+    "guide/choosing",
     "api",
     "benchmarks/index",
+    "benchmarks/lm",
     "benchmarks/spike_results",
     "changelog",
 ]

@@ -344,18 +344,18 @@ def test_sharded_jit_matches_single_device_and_keeps_shardings(name, axis_type):
 # --------------------------------------------------------------------------- the example
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+GUIDE = ROOT / "docs" / "guide" / "data_parallel.md"  # the commands a user is told to run
 EXAMPLE = "examples/data_parallel.py"
 TIMEOUT_S = 300  # the three processes together take ~30 s on 2 CPU cores
 
 
-def _readme_commands(marker: str) -> list[list[str]]:
-    """The commands of the README's bash block that runs the example with ``marker``.
+def _guide_commands(marker: str) -> list[list[str]]:
+    """The commands of the guide's bash block that runs the example with ``marker``.
 
     Continuation lines are joined and a trailing ``&`` (run in the background) dropped:
     the test starts every command itself, concurrently.
     """
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    blocks = re.findall(r"```bash\n(.*?)```", GUIDE.read_text(), flags=re.DOTALL)
     block = next(b for b in blocks if EXAMPLE in b and marker in b)
     commands = [shlex.split(line) for line in block.replace("\\\n", " ").splitlines()]
     commands = [[token for token in c if token != "&"] for c in commands if c]
@@ -364,10 +364,10 @@ def _readme_commands(marker: str) -> list[list[str]]:
 
 
 def _start(command: list[str], port: int) -> subprocess.Popen:
-    """Starts one README command in its own process group, with the devices of its flags.
+    """Starts one of the guide's commands in its own process group, with the devices of its flags.
 
     Only the coordinator's port changes (to a free one), so that a busy port 12345
-    cannot fail the test; every other flag is the README's, defaults included.
+    cannot fail the test; every other flag is the guide's, defaults included.
     """
     command = [re.sub(r"^localhost:\d+$", f"localhost:{port}", token) for token in command]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -400,8 +400,7 @@ def _finish_all(processes: list[subprocess.Popen], timeout: float) -> list[str]:
                 os.killpg(process.pid, signal.SIGKILL)
         partial = [process.communicate()[0] for process in processes]
         pytest.fail(
-            f"the README's commands hung for {timeout} s; output so far:\n"
-            + "\n---\n".join(partial)
+            f"the guide's commands hung for {timeout} s; output so far:\n" + "\n---\n".join(partial)
         )
     for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output
@@ -426,16 +425,16 @@ _EXAMPLE_RUN: list[tuple[str, list[str]] | str] = []  # the one run's outputs, o
 
 
 def _example_outputs() -> tuple[str, list[str]]:
-    """Outputs of the README's single-host command and of its two-process job.
+    """Outputs of the guide's single-host command and of its two-process job.
 
-    The commands are the README's own, with their default flags (300 steps): with these
+    The commands are the guide's own, with their default flags (300 steps): with these
     the two-process job once hung, which shorter test-only flags did not show. The
     three processes start together: they overlap their start-up and compilation. They
     run once for both tests; a failure (a hang included) fails both without a rerun.
     """
     if not _EXAMPLE_RUN:
-        (single_host,) = _readme_commands("--simulate-devices 8")
-        multihost = _readme_commands("--num-processes 2")
+        (single_host,) = _guide_commands("--simulate-devices 8")
+        multihost = _guide_commands("--num-processes 2")
         assert len(multihost) == 2
         port = _free_port()
         processes = [_start(command, port) for command in [single_host, *multihost]]

@@ -1,29 +1,23 @@
-"""The README's python code: every fenced python block runs as written.
+"""The README: every fenced python block runs as written, and the set-up commands hold.
 
 Blocks run section by section (``## heading``), in order, in one namespace per
 section, so a block may use what an earlier block of its section defined, and nothing
 from another section. Sections are found in the README itself: a new block is run
-without touching this file.
+without touching this file. The guide's examples (``docs/``) run as ``{testcode}``
+blocks under ``sphinx-build -b doctest``.
 """
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 # Sections known to hold python code: a parser that stops finding them fails loudly.
-EXPECTED = {
-    "Usage",
-    "Multi-device and pod-scale training",
-    "Flax Linen",
-    "Flax NNX",
-    "Per-example ALRC",
-    "Gradient accumulation",
-    "Checkpointing",
-    "Logging diagnostics",
-    "Cost per step",
-}
+EXPECTED = {"Usage"}
+BENCHMARKS = ("benchmarks/spike_benchmark.py", "benchmarks/lm_spike_benchmark.py")
 
 
 def readme_sections() -> dict[str | None, list[str]]:
@@ -73,6 +67,44 @@ def test_every_python_block_is_run():
 
 
 def test_section_extraction_stops_at_the_next_section():
-    linen = section_code("Flax Linen")
-    assert len(linen) == 1 and "nnx" not in linen[0] and "TrainState" in linen[0]
-    assert any("# Orbax" in block for block in section_code("Checkpointing"))
+    (usage,) = section_code("Usage")
+    assert "import jax" in usage and "## " not in usage
+    assert "Installation" not in readme_sections()  # bash blocks only
+
+
+def test_usage_is_the_recommended_chain():
+    (usage,) = section_code("Usage")
+    chain = 'optax.chain(alrc(signal="grad_norm"), logadam(1e-3, dampen_scale="auto"))'
+    assert chain in usage
+
+
+def setup_commands() -> list[str]:
+    """The command lines of the bash block under ``## Set-up: two commands``."""
+    text = README.read_text()
+    section = text[text.index("## Set-up: two commands") :]
+    section = section[: section.index("\n## ", 1)]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_first_setup_command_installs_and_runs_both_benchmarks():
+    first, second = setup_commands()
+    steps = [shlex.split(step) for step in first.split("&&")]
+    assert steps[0] == ["pip", "install", "-e", ".[examples]"]
+    assert [step[1] for step in steps[1:]] == list(BENCHMARKS)
+    assert all(step == ["python", step[1]] for step in steps[1:])  # defaults: a quick run
+    assert second == 'pip install -e ".[test]" && python -m pytest'
+
+
+def test_setup_command_benchmarks_exist():
+    for script in BENCHMARKS:
+        assert (ROOT / script).is_file(), f"the README's first command runs {script}"
+
+
+def test_readme_links_resolve():
+    """Relative links (docs pages, the figure) point at files of the repository."""
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README.read_text())
+    relative = [link for link in links if "://" not in link]
+    assert "benchmarks/results/lm/lm_spike_benchmark.png" in relative
+    missing = [link for link in relative if not (ROOT / link).exists()]
+    assert not missing, f"README links to missing files: {missing}"
