@@ -112,7 +112,7 @@ class LogDampenState(NamedTuple):
 
     # `count`, as in optax's states; as a field it shadows tuple.count.
     #: like the updates: one int32 scalar per leaf
-    count: Any  # pyright: ignore[reportIncompatibleMethodOverride]
+    count: Any
     log_mean_square: Any  #: like the updates: one float32 scalar per leaf
 
 

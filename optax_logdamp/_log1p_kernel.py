@@ -280,7 +280,7 @@ def with_sign_of(magnitude: jax.Array, g: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def nearest_power_of_two(x: jax.Array) -> jax.Array:
+def nearest_power_of_two(x: jax.typing.ArrayLike) -> jax.Array:
     """The power of two nearest to a float32 ``x > 0`` on a log scale, in ``[2**-66, 2**66]``.
 
     Exact (built from the exponent bits); the result is within a factor ``sqrt(2)`` of

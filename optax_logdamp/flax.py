@@ -24,14 +24,14 @@ import optax
 try:
     from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
     from flax.training import train_state
-except ModuleNotFoundError as error:  # Flax is an optional dependency
-    if error.name is None or error.name.split(".")[0] != "flax":
+except ModuleNotFoundError as _error:  # Flax is an optional dependency
+    if _error.name is None or _error.name.split(".")[0] != "flax":
         raise  # Flax is there but something it imports is not: the original error says what
     raise ModuleNotFoundError(
         'optax_logdamp.flax needs Flax, which is not installed: pip install "optax_logdamp[flax]" '
         "(or pip install flax). The core package (import optax_logdamp) works without it.",
-        name=error.name,
-    ) from error
+        name=_error.name,
+    ) from _error
 
 
 def _takes_extra_args(tx: optax.GradientTransformation) -> bool:
