@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, "benchmarks")
 import lm_spike_benchmark as lm
 lm.WIDTH, lm.LAYERS, lm.HEADS, lm.CONTEXT = 16, 1, 2, 16
-lm.HELDOUT_WINDOWS, lm.CURVE_WINDOWS, lm.EVAL_EVERY = 128, 64, 10
+lm.CURVE_WINDOWS = 64
 lm.CLIP_SWEEP = (0.3, 3.0)
 lm.main(sys.argv[1:])
 """
@@ -24,7 +24,8 @@ lm.main(sys.argv[1:])
 
 def test_tiny_benchmark_writes_table_figure_and_targets(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
-    command = [sys.executable, "-c", TINY_RUN, "--steps", "30", "--seeds", "2"]
+    command = [sys.executable, "-c", TINY_RUN, "--steps", "40", "--seeds", "2"]
+    command += ["--heldout-windows", "128"]
     command += ["--out", str(tmp_path), "--quiet"]
     subprocess.run(command, check=True, env=env, cwd=ROOT, timeout=600)
 
