@@ -40,9 +40,9 @@ def logadam(
     Results equal ``optax.chain(log_dampen(dampen_scale), optax.adam(...))``.
 
     ``dampen_scale="auto"`` gives each tensor a knee at 3 times the running RMS of its
-    dampened gradients (``log_dampen("auto")``): the dampening then engages on spikes
+    incoming gradients (``log_dampen("auto")``): the dampening then engages on spikes
     whatever the units of the gradient, where the seed's knee at 1 never does for
-    gradients of about 1e-3. The extra state is one scalar per tensor.
+    gradients of about 1e-3. The extra state is two scalars per tensor.
 
     ``b1``, ``b2`` and ``eps`` must be float32 or wider: in bfloat16, ``b2 = 0.999``
     rounds to 1 and Adam divides by zero, so such values (which

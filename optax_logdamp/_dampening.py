@@ -205,7 +205,7 @@ def log_dampen(
       >>> for _ in range(10):
       ...   _, state = tx.update({"w": jnp.full(3, 1e-3)}, state)
       >>> updates, state = tx.update({"w": jnp.array([1e-3, -3e-3, 1.0])}, state)
-      >>> updates["w"]  # the knee is 2**-9: ordinary sizes shrink by 20 %, the spike 80x
+      >>> updates["w"]  # knee 2**-9: 1e-3 shrinks by 20 %, the spike 80x
       Array([ 0.00080749, -0.00181755,  0.01218804], dtype=float32)
 
     References:
