@@ -234,7 +234,15 @@ def _mean_square(g: jax.Array) -> jax.Array:
         flat = jnp.concatenate([jnp.real(g).ravel(), jnp.imag(g).ravel()])
     else:
         flat = g.ravel().astype(jnp.promote_types(g.dtype, jnp.float32))
+    if _explicitly_sharded(flat):  # a dot of sharded operands needs an out_sharding
+        return (jnp.sum(jnp.square(flat)) / max(g.size, 1)).astype(jnp.float32)
     return (jnp.dot(flat, flat) / max(g.size, 1)).astype(jnp.float32)
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+    """Whether ``x``'s type carries a sharding (a mesh with ``AxisType.Explicit`` axes)."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
+    return any(axis is not None for axis in spec)
 
 
 def _log_dampen_auto(multiple: chex.Numeric, decay: chex.Numeric) -> optax.GradientTransformation:
