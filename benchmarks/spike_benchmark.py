@@ -23,7 +23,7 @@ contender is one jitted ``lax.scan``, vmapped over scenarios and seeds.
 
 Usage::
 
-  python benchmarks/spike_benchmark.py            # quick run, 1-2 minutes on 2 cores
+  python benchmarks/spike_benchmark.py            # quick run, about 4 minutes on 2 cores
   python benchmarks/spike_benchmark.py --full     # longer run for publication
   python benchmarks/spike_benchmark.py --steps 500 --seeds 3 --out /tmp/bench
 
