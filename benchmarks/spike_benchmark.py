@@ -365,7 +365,8 @@ def plot(curves: dict, results: dict, batch_sizes, contender_names, path: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = dict(zip(contender_names, plt.cm.tab20.colors, strict=False))
+    palette = plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]  # the ten dark ones first
+    colors = dict(zip(contender_names, palette, strict=False))
     styles = dict(zip(contender_names, ["-", "--", "-.", ":"] * 5, strict=False))
     nrows = len(batch_sizes) + 1
     fig, axes = plt.subplots(nrows, len(SCENARIOS), figsize=(18, 4.2 * nrows), squeeze=False)
@@ -400,9 +401,10 @@ def plot(curves: dict, results: dict, batch_sizes, contender_names, path: str) -
         ax.set_yscale("log")
         ax.set_title(f"{scenario.name}: final test MSE", fontsize=10)
         ax.legend(fontsize=7)
-    axes[len(batch_sizes) - 1, 0].legend(fontsize=7, loc="upper right")  # has every method
-    fig.tight_layout()
-    fig.savefig(path, dpi=60)
+    handles, labels = axes[len(batch_sizes) - 1, 0].get_legend_handles_labels()  # every method
+    fig.legend(handles, labels, loc="upper center", ncol=7, fontsize=10, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (4.2 * nrows)))
+    fig.savefig(path, dpi=70)
     plt.close(fig)
 
 
