@@ -29,7 +29,7 @@ jitted ``lax.scan``, vmapped.
 
 Usage::
 
-  python benchmarks/lm_spike_benchmark.py            # quick run: 100 steps, 1 seed
+  python benchmarks/lm_spike_benchmark.py            # quick run: 60 steps, 1 seed (~4 min)
   python benchmarks/lm_spike_benchmark.py --full     # 600 steps, 3 seeds (~1 h, 2 cores)
   python benchmarks/lm_spike_benchmark.py --full --steps 1500   # SPEC 1.4's length
   python benchmarks/lm_spike_benchmark.py --steps 300 --seeds 2 --out /tmp/lm
@@ -336,13 +336,14 @@ class Trained(NamedTuple):
     interventions: jax.Array  # shape=()
 
 
-def train_one(contender: Contender, corpus: dict[str, jax.Array], run: Runs) -> Trained:
-    """One full training run (traced; vmapped over runs by :func:`train_many`).
+def train_one(
+    contender: Contender, corpus: dict[str, jax.Array], run: Runs, params: Params
+) -> Trained:
+    """One full training run from ``params`` (traced; vmapped over runs by :func:`train_many`).
 
     The parameters are kept every ``eval_every(steps)`` steps and evaluated afterwards by
     :func:`evaluate`, one program for every contender.
     """
-    params = init_gpt(jax.random.wrap_key_data(run.init_key))
     tx = contender.make(run.hyper)
     opt_state = tx.init(params)
 
@@ -405,6 +406,17 @@ class Timing(NamedTuple):
     step_s: float  # wall time of the whole compiled run / (steps x runs)
 
 
+@jax.jit
+@jax.vmap
+def initial_params(init_key: jax.Array) -> Params:
+    """Every run's initial parameters, from its key (the same for every contender).
+
+    One program outside the training programs: compiling the initialisation into each of
+    them would cost about 3 s of compilation per contender.
+    """
+    return init_gpt(jax.random.wrap_key_data(init_key))
+
+
 def train_many(
     contender: Contender, corpus: dict[str, jax.Array], runs: Runs
 ) -> tuple[RunResult, Timing, Any]:
@@ -414,20 +426,21 @@ def train_many(
     time is the cost of the training steps alone (forward, backward, update). The
     compiled program is returned to be run again.
     """
+    params = initial_params(runs.init_key)
     start = time.perf_counter()
-    program = jax.jit(jax.vmap(lambda run: train_one(contender, corpus, run)))
-    compiled = program.lower(runs).compile()
+    program = jax.jit(jax.vmap(lambda run, p: train_one(contender, corpus, run, p)))
+    compiled = program.lower(runs, params).compile()
     compile_s = time.perf_counter() - start
-    trained, step_s = run_compiled(compiled, runs)
+    trained, step_s = run_compiled(compiled, runs, params)
     curve, final = evaluate(trained.snapshots, corpus)
     result = RunResult(trained.train_loss, trained.grad_norm, curve, final, trained.interventions)
     return RunResult(*(np.asarray(a) for a in result)), Timing(compile_s, step_s), compiled
 
 
-def run_compiled(compiled: Any, runs: Runs) -> tuple[Trained, float]:
+def run_compiled(compiled: Any, runs: Runs, params: Params) -> tuple[Trained, float]:
     """Runs a compiled training program; returns its output and seconds per step and run."""
     start = time.perf_counter()
-    trained = jax.block_until_ready(compiled(runs))
+    trained = jax.block_until_ready(compiled(runs, params))
     num_runs, steps = runs.bad.shape
     return trained, (time.perf_counter() - start) / (steps * num_runs)
 
@@ -450,12 +463,16 @@ def sweep_clip_threshold(
 
 
 def ratio_cell(values: np.ndarray, reference: np.ndarray) -> str:
-    """Per-seed ratio to the reference, as ``+x.x % ± y.y`` (mean ± std over seeds)."""
+    """Per-seed ratio to the reference, as ``+x.x % ± y.y`` (mean ± std over seeds).
+
+    One seed has no spread, and its cell is the ratio alone.
+    """
     ratios = (values / reference - 1) * 100
     if not np.isfinite(ratios).all():
         return "diverged"
-    spread = np.std(ratios, ddof=1) if len(ratios) > 1 else 0.0
-    return f"{np.mean(ratios):+.1f} % ± {spread:.1f}"
+    if len(ratios) == 1:
+        return f"{ratios[0]:+.1f} %"
+    return f"{np.mean(ratios):+.1f} % ± {np.std(ratios, ddof=1):.1f}"
 
 
 def results_tables(results: dict, names: Sequence[str]) -> str:
@@ -613,19 +630,21 @@ def run_benchmark(
     # Adam again, last: the first program to run can be slower; the spread of the two is
     # the timing noise of this run, and the faster one is the reference.
     if adam_program is not None:
-        timings["adam (again, last)"] = Timing(0.0, run_compiled(adam_program, runs)[1])
+        params = initial_params(runs.init_key)
+        timings["adam (again, last)"] = Timing(0.0, run_compiled(adam_program, runs, params)[1])
     elapsed = time.perf_counter() - start
 
     names = [c.name for c in contenders]
     bad_steps = seed_streams(seeds[0], steps, n_train, "random_bytes")["bad"]
     num_params = sum(a.size for a in jax.tree.leaves(init_gpt(jax.random.key(0))))
+    seeds_text = f"{len(seeds)} seeds" if len(seeds) > 1 else "1 seed (no spread to show)"
     sweep_text = ", ".join(f"{h:g} → {m:.4f}" for h, m in sweep.items())
     report = "\n".join(
         [
             "# Language-model spike benchmark",
             "",
-            f"Held-out loss after {steps} steps, {len(seeds)} seeds, relative to clean Adam "
-            "of the same seed (mean ± std over seeds of the per-seed ratio; lower is "
+            f"Held-out loss after {steps} steps, {seeds_text}, relative to clean Adam of "
+            "the same seed (mean ± std over seeds of the per-seed ratio; lower is "
             f"better). {BAD_FRACTION:.0%} of the steps ({int(bad_steps.sum())} per run) "
             "train on a bad batch in `repeated_byte` and `random_bytes`.",
             "",
@@ -689,7 +708,7 @@ def run_benchmark(
     return results
 
 
-QUICK_STEPS, QUICK_SEEDS = 100, 1  # 5.5-6 min on 2 cores, ~40 % of it compiling 12 programs
+QUICK_STEPS, QUICK_SEEDS = 60, 1  # ~4 min on 2 cores (5 at most), 90 s of it compiling
 FULL_STEPS, FULL_SEEDS = 600, 3  # 1500 steps, as in SPEC 1.4: about 2.2 h on 2 cores
 
 

@@ -13,13 +13,13 @@ import optax_logdamp as old
 
 
 def summarize(values: np.ndarray) -> str:
-    """``mean ± std`` over seeds, or how many runs diverged."""
+    """``mean ± std`` over seeds (the value alone for one seed), or how many diverged."""
     finite = np.isfinite(values)
     if not finite.any():
         return "diverged"
-    text = (
-        f"{values[finite].mean():.5f} ± {values[finite].std(ddof=1) if finite.sum() > 1 else 0:.5f}"
-    )
+    text = f"{values[finite].mean():.5f}"
+    if finite.sum() > 1:  # one seed has no spread to show, not a spread of 0
+        text += f" ± {values[finite].std(ddof=1):.5f}"
     if not finite.all():
         text += f" ({(~finite).sum()} diverged)"
     return text

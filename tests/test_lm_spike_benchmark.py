@@ -50,3 +50,17 @@ def test_tiny_benchmark_writes_table_figure_and_targets(tmp_path):
     figure = (tmp_path / "lm_spike_benchmark.png").read_bytes()
     assert figure[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(figure) > 20_000  # three panels of curves, not an empty canvas
+
+
+def test_one_seed_shows_no_spread_and_several_show_it():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import numpy as np
+    from lm_spike_benchmark import ratio_cell
+    from reporting import summarize
+
+    assert ratio_cell(np.array([1.02]), np.array([1.0])) == "+2.0 %"
+    assert ratio_cell(np.array([1.01, 1.03]), np.array([1.0, 1.0])) == "+2.0 % ± 1.4"
+    assert ratio_cell(np.array([np.nan]), np.array([1.0])) == "diverged"
+    assert summarize(np.array([1.5])) == "1.50000"
+    assert summarize(np.array([1.0, 2.0])) == "1.50000 ± 0.70711"
+    assert summarize(np.array([1.0, np.inf])) == "1.00000 (1 diverged)"
