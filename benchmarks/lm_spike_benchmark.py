@@ -57,7 +57,7 @@ from jax import lax
 import optax_logdamp as old
 
 from anchors import count_interventions, skip_step_on_spikes, zclip
-from reporting import machine_line, summarize
+from reporting import curve_styles, machine_line, summarize
 
 Params = dict[str, Any]
 
@@ -73,7 +73,7 @@ CLIP_SWEEP = (0.1, 0.3, 1.0, 3.0)
 HELDOUT_WINDOWS = 1024  # the final held-out loss: 1024 windows of 64 predicted bytes
 QUICK_HELDOUT_WINDOWS = 256  # in the quick run
 CURVE_WINDOWS = 64  # the held-out curve in the figure, every eval_every(steps) steps
-EVAL_EVERY = 50  # in runs of at least 10 * EVAL_EVERY steps; shorter runs every 20
+EVAL_EVERY = 50  # in runs of at least 10 * EVAL_EVERY steps; shorter runs every 10
 
 
 # ----------------------------------------------------------------------------- data
@@ -119,7 +119,7 @@ def load_stdlib_corpus() -> Corpus:
 
 def eval_every(steps: int) -> int:
     """How often the figure's held-out curve is evaluated in a run of ``steps`` steps."""
-    return EVAL_EVERY if steps >= 10 * EVAL_EVERY else 20
+    return EVAL_EVERY if steps >= 10 * EVAL_EVERY else 10
 
 
 def window_starts(length: int, count: int) -> np.ndarray:
@@ -551,15 +551,17 @@ def plot(results: dict, names: Sequence[str], bad_steps: np.ndarray, path: str) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = plt.cm.tab20.colors
-    styles = ("-", "--", "-.", ":")
+    style = curve_styles(names)
+    emphasis = {RECOMMENDED, CLIP.name}  # the recommended chain and the tuned anchor
     fig, axes = plt.subplots(1, len(SCENARIOS), figsize=(17, 5.2), sharey=True)
     handles = []
     for ax, scenario in zip(axes, SCENARIOS, strict=True):
-        for i, name in enumerate(names):
+        for name in names:
             curve = results[name, scenario].curve[0]
             x = (np.arange(len(curve)) + 1) * (len(bad_steps) // len(curve))
-            (line,) = ax.plot(x, curve, color=colors[i % 20], ls=styles[i % 4], lw=1.4, label=name)
+            color, ls = style[name]
+            lw = 2.6 if name in emphasis else 1.3
+            (line,) = ax.plot(x, curve, color=color, ls=ls, lw=lw, label=name)
             if scenario == SCENARIOS[0]:
                 handles.append(line)
         if scenario != "clean":
@@ -637,6 +639,7 @@ def run_benchmark(
     names = [c.name for c in contenders]
     bad_steps = seed_streams(seeds[0], steps, n_train, "random_bytes")["bad"]
     num_params = sum(a.size for a in jax.tree.leaves(init_gpt(jax.random.key(0))))
+    num_runs = runs.bad.shape[0]
     seeds_text = f"{len(seeds)} seeds" if len(seeds) > 1 else "1 seed (no spread to show)"
     sweep_text = ", ".join(f"{h:g} → {m:.4f}" for h, m in sweep.items())
     report = "\n".join(
@@ -677,7 +680,10 @@ def run_benchmark(
             "held-out evaluation runs afterwards, in a separate program) divided by steps x "
             "runs, and its ratio to Adam's (the faster of Adam's two runs, first and last; "
             "their spread is the noise of the measurement). The contenders run one after "
-            "another: compare ratios from a quiet machine.",
+            f"another, each timed over one run of its program ({steps} steps x {num_runs} "
+            f"runs, about {timings['adam'].step_s * steps * num_runs:.0f} s here), so a busy "
+            "moment of the machine inflates one contender alone: compare ratios from a quiet "
+            "machine and a long run (the committed `--full` results).",
             "",
             step_time_table(timings),
             "",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -57,3 +59,18 @@ def smooth(curve: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     usable = (len(curve) // width) * width
     means = curve[:usable].reshape(-1, width).mean(axis=1)
     return np.arange(len(means)) * width + width / 2, means
+
+
+def curve_styles(names: Sequence[str]) -> dict[str, tuple[Any, str]]:
+    """A colour and a line style for each curve of a figure, in legend order.
+
+    The ten dark colours of matplotlib's ``tab20`` come first and its light ones after
+    (in ``tab20``'s own order, neighbours are a dark and a light shade of one hue), and
+    the line styles take turns, so no two curves share both.
+    """
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"].colors  # pyright: ignore[reportAttributeAccessIssue]
+    palette = tab20[::2] + tab20[1::2]
+    styles = ("-", "--", "-.", ":")
+    return {name: (palette[i % 20], styles[i % 4]) for i, name in enumerate(names)}

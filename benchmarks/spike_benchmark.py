@@ -52,7 +52,14 @@ from jax import lax
 import optax_logdamp as old
 
 from anchors import count_interventions, skip_step_on_spikes, zclip
-from reporting import machine_line, no_harm_verdict, paired_difference, smooth, summarize
+from reporting import (
+    curve_styles,
+    machine_line,
+    no_harm_verdict,
+    paired_difference,
+    smooth,
+    summarize,
+)
 
 Params = dict[str, jax.Array]
 
@@ -365,9 +372,7 @@ def plot(curves: dict, results: dict, batch_sizes, contender_names, path: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    palette = plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]  # the ten dark ones first
-    colors = dict(zip(contender_names, palette, strict=False))
-    styles = dict(zip(contender_names, ["-", "--", "-.", ":"] * 5, strict=False))
+    style = curve_styles(contender_names)
     nrows = len(batch_sizes) + 1
     fig, axes = plt.subplots(nrows, len(SCENARIOS), figsize=(18, 4.2 * nrows), squeeze=False)
     for row, batch in enumerate(batch_sizes):
@@ -379,7 +384,7 @@ def plot(curves: dict, results: dict, batch_sizes, contender_names, path: str) -
                     continue
                 width = max(1, len(curve) // 250)
                 x, y = smooth(np.where(np.isfinite(curve), curve, np.nan), width)
-                ax.plot(x, y, lw=0.9, color=colors[name], ls=styles[name], label=name)
+                ax.plot(x, y, lw=0.9, color=style[name][0], ls=style[name][1], label=name)
             ax.set_yscale("log")
             ax.set_title(f"{scenario.name}, batch {batch} (seed 0)", fontsize=10)
             ax.set_xlabel("step")
