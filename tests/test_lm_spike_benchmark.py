@@ -56,6 +56,7 @@ def test_one_seed_shows_no_spread_and_several_show_it():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import numpy as np
     from lm_spike_benchmark import ratio_cell
+
     from reporting import summarize
 
     assert ratio_cell(np.array([1.02]), np.array([1.0])) == "+2.0 %"
