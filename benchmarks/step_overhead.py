@@ -40,6 +40,7 @@ Usage::
   python benchmarks/step_overhead.py --sizes 1e6,1e7 --steps 50
   python benchmarks/step_overhead.py --quick              # 1M only, a few seconds
   python benchmarks/step_overhead.py --cpu-vector-width 512   # AVX-512 CPUs
+  python benchmarks/step_overhead.py --sizes 1e6 --blocks 30  # 210 tensors: compile time
 """
 
 from __future__ import annotations
@@ -106,18 +107,21 @@ def contenders() -> list[Contender]:
     ]
 
 
-def make_params(num_params: int) -> dict[str, jax.Array]:
+def make_params(num_params: int, blocks: int = 1) -> dict[str, jax.Array]:
     """An MLP-shaped pytree with about ``num_params`` float32 parameters.
 
-    Layers ``d -> 4d -> d -> d`` with biases and a layer-norm scale: ``9 d**2 + 7 d``.
+    Each block is layers ``d -> 4d -> d -> d`` with biases and a layer-norm scale, seven
+    tensors of ``9 d**2 + 7 d`` parameters in all.
 
     Args:
       num_params: the target number of parameters.
+      blocks: how many such blocks (``7 * blocks`` tensors); more blocks of a smaller
+        ``d`` keep the size and multiply the tensors, as in a deep model.
 
     Returns:
       A dict of zero-initialised float32 arrays.
     """
-    d = max(1, int(math.sqrt(num_params / 9)))
+    d = max(1, int(math.sqrt(num_params / (9 * blocks))))
     shapes = {
         "dense1/kernel": (d, 4 * d),
         "dense1/bias": (4 * d,),
@@ -127,6 +131,8 @@ def make_params(num_params: int) -> dict[str, jax.Array]:
         "dense3/bias": (d,),
         "norm/scale": (d,),
     }
+    if blocks > 1:
+        shapes = {f"block{b}/{name}": s for b in range(blocks) for name, s in shapes.items()}
     return {name: jnp.zeros(shape, jnp.float32) for name, shape in shapes.items()}
 
 
@@ -208,9 +214,10 @@ def benchmark_size(
     warmup: int,
     names: Sequence[str] | None,
     compiler_options: dict[str, Any] | None = None,
+    blocks: int = 1,
 ):
     """Runs every contender at one size; returns (actual parameter count, rows)."""
-    params = make_params(num_params)
+    params = make_params(num_params, blocks)
     grads = make_grads(params)
     chosen = [
         c for c in contenders() if names is None or c.name in names or c.name.startswith("adam")
@@ -255,10 +262,10 @@ def machine_line() -> str:
     )
 
 
-def format_table(n: int, rows: Sequence[dict], steps: int) -> str:
+def format_table(n: int, rows: Sequence[dict], steps: int, tensors: int) -> str:
     """A markdown table for one size."""
     lines = [
-        f"\n### {n / 1e6:.2f}M parameters ({steps} timed steps, median)\n",
+        f"\n### {n / 1e6:.2f}M parameters in {tensors} tensors ({steps} timed steps, median)\n",
         "| contender | ms/step | x adam | paired | min ms | compile s | state bytes "
         "| extra bytes | GB/s vs 28N B |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -281,6 +288,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=None, help="comma-separated contenders (+ adams)")
     parser.add_argument("--quick", action="store_true", help="1M params, 20 steps")
     parser.add_argument(
+        "--blocks",
+        type=int,
+        default=1,
+        help="MLP blocks of 7 tensors each, same total size (default 1): compile time "
+        "grows with the number of tensors",
+    )
+    parser.add_argument(
         "--cpu-vector-width",
         type=int,
         choices=(128, 256, 512),
@@ -288,6 +302,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="compile every step with xla_cpu_prefer_vector_width (default: XLA's, 256)",
     )
     args = parser.parse_args(argv)
+    if args.blocks < 1:
+        parser.error(f"--blocks must be at least 1, got {args.blocks}")
     if args.quick:
         args.sizes, args.steps, args.warmup = "1e6", 20, 3
     return args
@@ -307,8 +323,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if jax.default_backend() != "cpu":
         print("(accelerator path: written for GPU, not yet run on one)")
     for size in sizes:
-        n, rows = benchmark_size(size, args.steps, args.warmup, names, compiler_options)
-        print(format_table(n, rows, args.steps), flush=True)
+        n, rows = benchmark_size(
+            size, args.steps, args.warmup, names, compiler_options, args.blocks
+        )
+        print(format_table(n, rows, args.steps, 7 * args.blocks), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,11 @@ CONTENDERS = [
 ]
 
 
-@pytest.mark.parametrize("extra", [[], ["--cpu-vector-width", "512"]], ids=["default", "wide"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--cpu-vector-width", "512"], ["--blocks", "3"]],
+    ids=["default", "wide", "deep"],
+)
 def test_step_overhead_prints_a_row_per_contender(extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     result = subprocess.run(
@@ -36,8 +40,10 @@ def test_step_overhead_prints_a_row_per_contender(extra):
     wide_header = (
         "compiler_options={'xla_cpu_prefer_vector_width': 512} (every step, Adam included)"
     )
-    assert (wide_header in lines) == bool(extra), result.stdout
+    assert (wide_header in lines) == ("--cpu-vector-width" in extra), result.stdout
     assert any(line.startswith("| contender | ms/step | x adam") for line in lines), result.stdout
+    tensors = 21 if "--blocks" in extra else 7
+    assert any(f"parameters in {tensors} tensors" in line for line in lines), result.stdout
     rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ")}
     for name in CONTENDERS:
         assert name in rows, f"no row for {name}:\n{result.stdout}"
@@ -53,3 +59,15 @@ def test_step_overhead_prints_a_row_per_contender(extra):
     for name in CONTENDERS:
         extra = int(rows[name].split("|")[8].strip().replace(",", ""))
         assert 0 <= extra <= 64, rows[name]
+
+
+def test_step_overhead_refuses_fewer_than_one_block():
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--sizes", "2e4", "--blocks", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--blocks must be at least 1, got 0" in result.stderr
