@@ -220,19 +220,24 @@ def _cap_statistic(rule, state, statistic, finite):
     return scale, new_state
 
 
+def sum_of_squares(g: jax.Array) -> jax.Array:
+    """The sum of ``|g|**2`` over a tensor, in float32 (float64 stays float64).
+
+    Half-precision gradients are widened first, so they neither overflow nor lose their
+    small elements. A plain reduction: it works under every sharding, explicit meshes
+    included.
+    """
+    g = jnp.asarray(g)
+    if jnp.issubdtype(g.dtype, jnp.complexfloating):
+        g = jnp.abs(g)
+    return jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))))
+
+
 def global_norm(updates: Any) -> jax.Array:
     """The L2 norm of every element of ``updates`` (of the modulus for complex), float32.
 
-    Each leaf's sum of squares is taken in float32 (float64 stays float64), so
-    half-precision gradients do not overflow or lose their small elements.
+    Each leaf's sum of squares is taken by :func:`sum_of_squares`.
     """
-
-    def sum_of_squares(g: jax.Array) -> jax.Array:
-        g = jnp.asarray(g)
-        if jnp.issubdtype(g.dtype, jnp.complexfloating):
-            g = jnp.abs(g)
-        return jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))))
-
     leaves = jax.tree.leaves(updates)
     total = sum((sum_of_squares(g) for g in leaves), jnp.zeros([], jnp.float32))
     return jnp.sqrt(total).astype(jnp.float32)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from optax_logdamp._alrc import sum_of_squares
 from optax_logdamp._docs import document_fields
 from optax_logdamp._log1p_kernel import (
     MAX_SCALE,
@@ -229,20 +230,8 @@ def log_dampen(
 
 
 def _mean_square(g: jax.Array) -> jax.Array:
-    """The mean of ``|g|**2``, as float32, from one dot product (no temporary array)."""
-    if jnp.issubdtype(g.dtype, jnp.complexfloating):
-        flat = jnp.concatenate([jnp.real(g).ravel(), jnp.imag(g).ravel()])
-    else:
-        flat = g.ravel().astype(jnp.promote_types(g.dtype, jnp.float32))
-    if _explicitly_sharded(flat):  # a dot of sharded operands needs an out_sharding
-        return (jnp.sum(jnp.square(flat)) / max(g.size, 1)).astype(jnp.float32)
-    return (jnp.dot(flat, flat) / max(g.size, 1)).astype(jnp.float32)
-
-
-def _explicitly_sharded(x: jax.Array) -> bool:
-    """Whether ``x``'s type carries a sharding (a mesh with ``AxisType.Explicit`` axes)."""
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
-    return any(axis is not None for axis in spec)
+    """The mean of ``|g|**2``, as float32 (ALRC's per-tensor sum of squares, averaged)."""
+    return (sum_of_squares(g) / max(g.size, 1)).astype(jnp.float32)
 
 
 def _log_dampen_auto(multiple: chex.Numeric, decay: chex.Numeric) -> optax.GradientTransformation:
