@@ -25,6 +25,7 @@ import optax
 from jax import lax
 
 from optax_logdamp._docs import document_fields
+from optax_logdamp._numerics import global_norm
 from optax_logdamp._validation import (
     as_float,
     check_not_half_precision,
@@ -218,29 +219,6 @@ def _cap_statistic(rule, state, statistic, finite):
         num_clipped=capped.astype(jnp.int32),
     )
     return scale, new_state
-
-
-def sum_of_squares(g: jax.Array) -> jax.Array:
-    """The sum of ``|g|**2`` over a tensor, in float32 (float64 stays float64).
-
-    Half-precision gradients are widened first, so they neither overflow nor lose their
-    small elements. A plain reduction: it works under every sharding, explicit meshes
-    included.
-    """
-    g = jnp.asarray(g)
-    if jnp.issubdtype(g.dtype, jnp.complexfloating):
-        g = jnp.abs(g)
-    return jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))))
-
-
-def global_norm(updates: Any) -> jax.Array:
-    """The L2 norm of every element of ``updates`` (of the modulus for complex), float32.
-
-    Each leaf's sum of squares is taken by :func:`sum_of_squares`.
-    """
-    leaves = jax.tree.leaves(updates)
-    total = sum((sum_of_squares(g) for g in leaves), jnp.zeros([], jnp.float32))
-    return jnp.sqrt(total).astype(jnp.float32)
 
 
 def _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps) -> _Rule:

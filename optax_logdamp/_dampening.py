@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optax_logdamp._alrc import sum_of_squares
 from optax_logdamp._docs import document_fields
 from optax_logdamp._log1p_kernel import (
     MAX_SCALE,
@@ -19,6 +18,7 @@ from optax_logdamp._log1p_kernel import (
     nearest_power_of_two,
     with_sign_of,
 )
+from optax_logdamp._numerics import sum_of_squares
 from optax_logdamp._validation import (
     as_float,
     check_inexact_leaves,
