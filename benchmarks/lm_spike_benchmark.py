@@ -6,33 +6,48 @@ top-level ``*.py`` files of the running interpreter's standard library are read 
 sorted order; every tenth file is held out and never trained on. The model is a
 decoder-only transformer in plain JAX: byte tokens, learned positions, pre-LayerNorm
 blocks with causal multi-head attention and a GELU MLP, tied input and output
-embeddings (2 layers, width 96, 4 heads, about 250k parameters), context 64, batch 16,
-Adam at learning rate 1e-3 with no warm-up, as in SPEC section 1.4.
+embeddings (2 layers, width 96, 4 heads, about 250k parameters), context 64, batch 16.
 
-Scenarios (the same bad steps for every contender of a seed):
+Recipes (``--recipe``):
 
-- ``clean``: no bad batch, the "no harm" check;
-- ``repeated_byte``: 1 % of the steps train on a batch that is one byte repeated over
-  the whole batch (the repeated n-gram failure of LLM pretraining data);
-- ``random_bytes``: 1 % of the steps train on uniformly random bytes (a corrupted shard).
+- ``standard`` (the default): what nanoGPT, OLMo, MaxText and Levanter train with. AdamW
+  (b1 0.9, b2 0.95, eps 1e-8, weight decay 0.1 on matrices only), linear warm-up from 0
+  over the first 10 % of the steps, cosine decay to 10 % of the peak, and
+  ``clip_by_global_norm(1.0)``. The peak learning rate is the best of a sweep on clean
+  data (``--full``; the quick run takes the rate that sweep chose);
+- ``adam``: plain Adam at 1e-3, no warm-up, no clip (SPEC 1.4): the worst case for
+  spikes. Its ``tuned clip`` contender gets its threshold from a sweep on clean data.
 
-Contenders: ``optax.adam``; ``clip_by_global_norm`` + adam with its threshold tuned by a
-sweep on the clean scenario (what a user would do); the ZClip and skip-step anchors
-(``anchors.py``); this package's defences with their defaults, nothing tuned.
+Contenders come from the one registry, ``contenders.py``: the recipe (``base``), this
+package's defences in front of it or replacing its clip, and the anchors at their
+published defaults. Scenarios (the same seeds, data and bad steps for every contender):
 
-Metric: the held-out loss (mean cross-entropy in nats per byte over a fixed set of
-held-out windows) at the end of training, mean and spread over seeds, and its ratio to
-clean Adam's of the same seed; how often each method intervened; and the time of a
-whole training step (forward, backward and update) relative to Adam's, from the
-compiled training program itself. Each contender's runs (scenarios x seeds) are one
-jitted ``lax.scan``, vmapped.
+- ``clean``;
+- ``repeated_byte`` / ``random_bytes``: 1 % of the steps, spread over the run, train on
+  a batch of one byte repeated (the repeated n-gram of LLM data) or of random bytes (a
+  corrupted shard); ``..., late``: the same bad batches, in the last half of the run only;
+- ``loss x0.1`` / ``loss x10`` (clean, and with repeated-byte batches): the loss
+  multiplied by a constant, as a codebase that sums instead of averaging does. Adam is
+  nearly invariant to it; a fixed clip threshold is not;
+- ``lr x3`` / ``lr x10`` / ``lr x30``: clean, at a multiple of the recipe's peak rate
+  (the learning-rate sensitivity of Wortsman et al., 2023).
+
+Metrics: the held-out loss (nats per byte over fixed held-out windows) at the end,
+relative to the recipe's clean run of the same seed (mean ± std over seeds); the damage
+recovered, ``(recipe_bad - method_bad) / (recipe_bad - recipe_clean)``; how often each
+defence intervened; natural loss spikes (a training loss above 1.5x the median of the
+previous 50 steps, on a step without a bad batch); the LR sensitivity, the mean over the
+rates of ``min(loss, loss at init) - best loss``; and the whole training step's time
+relative to the recipe's. Each contender's runs are one jitted, vmapped ``lax.scan``.
+Finished contenders are kept in ``OUT/cache/`` (keyed by the code and the settings), so
+a run that was stopped resumes, and a report can grow by a contender.
 
 Usage::
 
-  python benchmarks/lm_spike_benchmark.py            # quick run: 60 steps, 1 seed (~4 min)
-  python benchmarks/lm_spike_benchmark.py --full     # 600 steps, 3 seeds (~46 min, 2 cores)
-  python benchmarks/lm_spike_benchmark.py --full --steps 1500   # SPEC 1.4's length
-  python benchmarks/lm_spike_benchmark.py --steps 300 --seeds 2 --out /tmp/lm
+  python benchmarks/lm_spike_benchmark.py                  # quick: 60 steps, 1 seed (~4 min)
+  python benchmarks/lm_spike_benchmark.py --full --out benchmarks/results/lm
+  python benchmarks/lm_spike_benchmark.py --recipe adam --full --out benchmarks/results/lm
+  python benchmarks/lm_spike_benchmark.py --steps 300 --seeds 2 --contenders base,spike_guard
 """
 
 from __future__ import annotations
@@ -40,6 +55,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import sys
@@ -54,10 +70,17 @@ import numpy as np
 import optax
 from jax import lax
 
-import optax_logdamp as old
-
-from anchors import count_interventions, skip_step_on_spikes, zclip
-from reporting import curve_styles, machine_line, summarize
+from anchors import count_interventions
+from contenders import Base, build, contender
+from reporting import (
+    add_common_flags,
+    curve_styles,
+    machine_line,
+    markdown_table,
+    ratio_cell,
+    source_digest,
+    summarize,
+)
 
 Params = dict[str, Any]
 
@@ -67,13 +90,13 @@ BATCH = 16
 WIDTH = 96
 LAYERS = 2
 HEADS = 4
-LEARNING_RATE = 1e-3
 BAD_FRACTION = 0.01
-CLIP_SWEEP = (0.1, 0.3, 1.0, 3.0)
 HELDOUT_WINDOWS = 1024  # the final held-out loss: 1024 windows of 64 predicted bytes
 QUICK_HELDOUT_WINDOWS = 256  # in the quick run
 CURVE_WINDOWS = 64  # the held-out curve in the figure, every eval_every(steps) steps
 EVAL_EVERY = 50  # in runs of at least 10 * EVAL_EVERY steps; shorter runs every 10
+SPIKE_FACTOR, SPIKE_WINDOW = 1.5, 50  # a natural loss spike: 1.5x the median of 50 steps
+TRAINING_VERSION = 2  # bump when training changes, so cached results are not reused
 
 
 # ----------------------------------------------------------------------------- data
@@ -200,72 +223,164 @@ def heldout_loss(params: Params, windows: jax.Array) -> jax.Array:
     return lax.map(lambda chunk: lm_loss(params, chunk), chunks).mean()
 
 
-# ---------------------------------------------------------------------- contenders
+# --------------------------------------------------------------------------- recipes
 
 
 @dataclasses.dataclass(frozen=True)
-class Contender:
-    """A method under test: ``make(hyperparameter) -> optimizer``."""
+class Recipe:
+    """A training recipe: the base optimizer every defence is added to.
+
+    Attributes:
+      name: ``standard`` or ``adam``.
+      title: how the report names it.
+      peak_lr: the peak learning rate (the standard recipe's is swept with ``--full``).
+      peak_sweep: the peak rates of that sweep (empty: not swept).
+      clip_sweep: thresholds swept for the ``tuned clip`` contender (empty: none).
+    """
 
     name: str
-    make: Callable[[jax.Array], optax.GradientTransformationExtraArgs]
-    clips_norm_at_hyper: bool = False  # interventions: steps whose norm exceeded it
+    title: str
+    peak_lr: float
+    peak_sweep: tuple[float, ...] = ()
+    clip_sweep: tuple[float, ...] = ()
+
+    def base(self, learning_rate: jax.Array, steps: int) -> Base:
+        """The recipe's :class:`~contenders.Base` at a (traced) peak rate, for ``steps``."""
+        if self.name == "adam":
+            return Base(learning_rate)
+        # The schedule at peak 1, times the (traced, vmapped) peak: optax's schedule
+        # branches in Python on its peak value.
+        shape = optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=1.0,
+            warmup_steps=max(1, steps // 10),
+            decay_steps=steps,
+            end_value=0.1,
+        )
+        schedule = lambda count: learning_rate * shape(count)  # noqa: E731
+        return Base(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip=1.0)
+
+    def describe(self) -> str:
+        if self.name == "adam":
+            return f"Adam, learning rate {self.peak_lr:g}, no warm-up, no weight decay, no clip"
+        return (
+            f"AdamW (b1 0.9, b2 0.95, eps 1e-8, weight decay 0.1 on matrices), peak learning "
+            f"rate {self.peak_lr:g}, linear warm-up from 0 over the first 10 % of the steps, "
+            "cosine decay to 10 % of the peak, `clip_by_global_norm(1.0)`"
+        )
 
 
-def _adam() -> optax.GradientTransformation:
-    return optax.adam(LEARNING_RATE)
-
-
-def _auto() -> optax.GradientTransformation:
-    return old.logadam(LEARNING_RATE, dampen_scale="auto")
-
-
-CLIP = Contender(
-    "clip_by_global_norm + adam",
-    lambda hp: optax.chain(optax.clip_by_global_norm(hp), _adam()),
-    clips_norm_at_hyper=True,
-)
-RECOMMENDED = "alrc(grad_norm) + logadam(auto)"  # the chain the README recommends
-CONTENDERS: tuple[Contender, ...] = (
-    Contender("adam", lambda hp: _adam()),
-    CLIP,
-    Contender("zclip + adam", lambda hp: optax.chain(zclip(), _adam())),
-    Contender("skip-step + adam", lambda hp: skip_step_on_spikes(_adam())),
-    Contender("logadam", lambda hp: old.logadam(LEARNING_RATE)),
-    Contender("alrc + adam", lambda hp: optax.chain(old.alrc(), _adam())),
-    Contender("alrc + logadam", lambda hp: optax.chain(old.alrc(), old.logadam(LEARNING_RATE))),
-    Contender(
-        "alrc(grad_norm) + adam", lambda hp: optax.chain(old.alrc(signal="grad_norm"), _adam())
+RECIPES = {
+    "standard": Recipe(
+        "standard", "the standard recipe", 3e-3, peak_sweep=(1e-3, 3e-3, 1e-2, 3e-2)
     ),
-    Contender("logadam(auto)", lambda hp: _auto()),
-    Contender(RECOMMENDED, lambda hp: optax.chain(old.alrc(signal="grad_norm"), _auto())),
-    Contender(
-        "alrc(both) + logadam(auto)", lambda hp: optax.chain(old.alrc(signal="both"), _auto())
-    ),
-)
+    "adam": Recipe("adam", "plain Adam", 1e-3, clip_sweep=(0.1, 0.3, 1.0, 3.0)),
+}
 
 
-# ----------------------------------------------------------------------- scenarios
+# ------------------------------------------------------------------------- scenarios
 
-SCENARIOS = ("clean", "repeated_byte", "random_bytes")
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """What one training run sees: its bad batches, the loss's units, the learning rate."""
+
+    name: str
+    bad: str = "none"  # "none", "repeated_byte" or "random_bytes"
+    late: bool = False  # bad steps in the last half of the run only
+    loss_scale: float = 1.0  # the training loss (and so the gradient) multiplied by this
+    lr_multiple: float = 1.0  # the recipe's peak rate multiplied by this
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("clean"),
+        Scenario("repeated_byte", "repeated_byte"),
+        Scenario("random_bytes", "random_bytes"),
+        Scenario("repeated_byte, late", "repeated_byte", late=True),
+        Scenario("random_bytes, late", "random_bytes", late=True),
+        Scenario("loss x0.1", loss_scale=0.1),
+        Scenario("loss x0.1, repeated_byte", "repeated_byte", loss_scale=0.1),
+        Scenario("loss x10", loss_scale=10.0),
+        Scenario("loss x10, repeated_byte", "repeated_byte", loss_scale=10.0),
+        Scenario("lr x3", lr_multiple=3.0),
+        Scenario("lr x10", lr_multiple=10.0),
+        Scenario("lr x30", lr_multiple=30.0),
+    )
+}
+BAD = ("repeated_byte", "random_bytes", "repeated_byte, late", "random_bytes, late")
+CORE = ("clean", *BAD)
+UNITS = ("loss x0.1", "loss x0.1, repeated_byte", "loss x10", "loss x10, repeated_byte")
+RATES = ("clean", "lr x3", "lr x10", "lr x30")  # "clean" is the rate x1
+ALL = (*CORE, *UNITS, *RATES[1:])
+
+# What each run covers: (contender, scenarios). The recipe and the recommended defence
+# run every scenario; the anchors the bad batches and the units that a fixed threshold
+# cannot follow; the other defences the bad batches.
+ANCHORS = ("zclip", "adagc", "skip-step", "update clipping", "spam")
+PLANS: dict[str, dict[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {
+    "standard": {
+        "full": (
+            ("base", ALL),
+            ("spike_guard", ALL),
+            *((name, (*CORE, "loss x10", "loss x10, repeated_byte")) for name in ANCHORS),
+            ("base (no clip)", BAD),
+            ("alrc(grad_norm) + log_dampen(auto)", CORE),
+            ("alrc(grad_norm)", BAD),
+            ("log_dampen(auto)", BAD),
+            ("spike_guard (no clip)", BAD),
+        ),
+        "quick": (
+            ("base", ALL),
+            ("spike_guard", ALL),
+            *((name, CORE) for name in ANCHORS),
+            ("base (no clip)", BAD),
+            ("alrc(grad_norm) + log_dampen(auto)", CORE),
+        ),
+    },
+    "adam": {
+        "full": (
+            ("base", CORE),
+            ("tuned clip", CORE),
+            ("spike_guard", CORE),
+            ("log_dampen(auto)", CORE),
+            ("alrc(grad_norm) + log_dampen(auto)", CORE),
+            ("alrc(grad_norm)", CORE),
+            ("alrc + log_dampen", CORE),
+            *((name, CORE) for name in ANCHORS),
+        ),
+        "quick": (
+            ("base", CORE[:3]),
+            ("tuned clip", CORE[:3]),
+            ("spike_guard", CORE[:3]),
+            ("log_dampen(auto)", CORE[:3]),
+            ("zclip", CORE[:3]),
+            ("skip-step", CORE[:3]),
+        ),
+    },
+}
 
 
 class Runs(NamedTuple):
-    """One row per training run (scenario x seed [x hyperparameter]), leading axis R."""
+    """One row per training run (scenario x seed [x swept value]), leading axis R."""
 
     init_key: jax.Array  # shape=(R, 2), uint32: parameter initialisation
     starts: jax.Array  # shape=(R, steps, BATCH), int32: training windows of each step
     bad: jax.Array  # shape=(R, steps), bool: steps that train on a bad batch
-    kind: jax.Array  # shape=(R,), int32: index into SCENARIOS
     bad_slot: jax.Array  # shape=(R, steps), int32: which of bad_batches a bad step uses
     bad_batches: jax.Array  # shape=(R, num_bad, BATCH, CONTEXT + 1), uint8: the bad batches
-    hyper: jax.Array  # shape=(R,), float32: the contender's hyperparameter, if any
+    learning_rate: jax.Array  # shape=(R,), float32: the peak rate of this run
+    loss_scale: jax.Array  # shape=(R,), float32
+    hyper: jax.Array  # shape=(R,), float32: the contender's swept value, if any
 
 
-def seed_streams(seed: int, steps: int, n_train: int, scenario: str) -> dict[str, np.ndarray]:
+def seed_streams(seed: int, steps: int, n_train: int, scenario: Scenario) -> dict[str, Any]:
     """A seed's initial parameters, data order, bad steps and bad batches.
 
-    The same for every contender; the bad steps are the same in both bad scenarios.
+    The same for every contender and every scenario of a seed: the bad steps of the
+    spread scenarios are those of SPEC 1.4's benchmark; the late ones are drawn from the
+    last half of the run by a second generator, so the spread ones do not change.
     """
     rng = np.random.default_rng(2000 + seed)
     starts = rng.integers(0, n_train - CONTEXT - 1, size=(steps, BATCH), dtype=np.int32)
@@ -274,8 +389,11 @@ def seed_streams(seed: int, steps: int, n_train: int, scenario: str) -> dict[str
     shape = (num_bad, BATCH, CONTEXT + 1)
     repeated = np.broadcast_to(rng.integers(0, VOCAB, size=(num_bad, 1, 1)), shape)
     random_bytes = rng.integers(0, VOCAB, size=shape)
+    if scenario.late:
+        late_rng = np.random.default_rng(3000 + seed)
+        bad_steps = np.sort(late_rng.choice(np.arange(steps // 2, steps), num_bad, replace=False))
     bad = np.zeros(steps, bool)
-    bad[bad_steps] = scenario != "clean"
+    bad[bad_steps] = scenario.bad != "none"
     slot = np.zeros(steps, np.int32)
     slot[bad_steps] = np.arange(num_bad)
     return {
@@ -283,7 +401,9 @@ def seed_streams(seed: int, steps: int, n_train: int, scenario: str) -> dict[str
         "starts": starts,
         "bad": bad,
         "bad_slot": slot,
-        "bad_batches": (repeated if scenario == "repeated_byte" else random_bytes).astype(np.uint8),
+        "bad_batches": (random_bytes if scenario.bad == "random_bytes" else repeated).astype(
+            np.uint8
+        ),
     }
 
 
@@ -292,18 +412,26 @@ def make_runs(
     seeds: Sequence[int],
     steps: int,
     n_train: int,
+    peak_lr: float,
+    learning_rates: Sequence[float] | None = None,
     hypers: Sequence[float] = (0.0,),
-) -> tuple[Runs, list[tuple[str, int, float]]]:
-    """All (scenario, hyperparameter, seed) runs, stacked, and their labels."""
+) -> tuple[Runs, list[tuple[str, int, float, float]]]:
+    """All (scenario, rate, swept value, seed) runs, stacked, and their labels.
+
+    ``learning_rates`` (a sweep) replaces ``peak_lr``; each scenario multiplies it.
+    """
     rows, labels = [], []
-    for scenario in scenarios:
-        for hyper in hypers:
-            for seed in seeds:
-                stream = seed_streams(seed, steps, n_train, scenario)
-                stream["kind"] = np.int32(SCENARIOS.index(scenario))
-                stream["hyper"] = np.float32(hyper)
-                rows.append(stream)
-                labels.append((scenario, seed, hyper))
+    for name in scenarios:
+        scenario = SCENARIOS[name]
+        for rate in learning_rates or (peak_lr,):
+            for hyper in hypers:
+                for seed in seeds:
+                    stream = seed_streams(seed, steps, n_train, scenario)
+                    stream["learning_rate"] = np.float32(rate * scenario.lr_multiple)
+                    stream["loss_scale"] = np.float32(scenario.loss_scale)
+                    stream["hyper"] = np.float32(hyper)
+                    rows.append(stream)
+                    labels.append((name, seed, rate, hyper))
     stacked = {field: jnp.asarray(np.stack([r[field] for r in rows])) for field in Runs._fields}
     return Runs(**stacked), labels
 
@@ -320,7 +448,7 @@ def training_batch(train: jax.Array, run: Runs, bad, starts, slot) -> jax.Array:
 class RunResult(NamedTuple):
     """What one training run records (leading axis R once vmapped)."""
 
-    train_loss: jax.Array  # shape=(steps,): the raw batch loss of every step
+    train_loss: jax.Array  # shape=(steps,): the raw batch loss of every step (unscaled)
     grad_norm: jax.Array  # shape=(steps,): the global norm of the raw gradient
     curve: jax.Array  # shape=(steps // eval_every(steps),): held-out loss (curve subset)
     final: jax.Array  # shape=(): held-out loss at the end (all held-out windows)
@@ -337,35 +465,40 @@ class Trained(NamedTuple):
 
 
 def train_one(
-    contender: Contender, corpus: dict[str, jax.Array], run: Runs, params: Params
+    name: str, recipe: Recipe, corpus: dict[str, jax.Array], run: Runs, params: Params
 ) -> Trained:
     """One full training run from ``params`` (traced; vmapped over runs by :func:`train_many`).
 
     The parameters are kept every ``eval_every(steps)`` steps and evaluated afterwards by
     :func:`evaluate`, one program for every contender.
     """
-    tx = contender.make(run.hyper)
+    steps = run.bad.shape[0]
+    base = recipe.base(run.learning_rate, steps)
+    tx = build(name, base, run.hyper)
     opt_state = tx.init(params)
+
+    def scaled_loss(params, windows):
+        return run.loss_scale * lm_loss(params, windows)
 
     def step(carry, inputs):
         params, opt_state = carry
         bad, starts, slot = inputs
         windows = training_batch(corpus["train"], run, bad, starts, slot)
-        loss, grads = jax.value_and_grad(lm_loss)(params, windows)
+        loss, grads = jax.value_and_grad(scaled_loss)(params, windows)
         updates, opt_state = tx.update(grads, opt_state, params, value=loss)
         params = optax.apply_updates(params, updates)
-        return (params, opt_state), (loss, optax.tree.norm(grads))
+        return (params, opt_state), (loss / run.loss_scale, optax.tree.norm(grads))
 
     def chunk(carry, inputs):
         carry, (losses, norms) = lax.scan(step, carry, inputs)
         return carry, (losses, norms, carry[0])
 
     inputs = (run.bad, run.starts, run.bad_slot)
-    every = eval_every(run.bad.shape[0])
+    every = eval_every(steps)
     by_chunk = jax.tree.map(lambda a: a.reshape(-1, every, *a.shape[1:]), inputs)
     (_, opt_state), (losses, norms, snapshots) = lax.scan(chunk, (params, opt_state), by_chunk)
     norms = norms.reshape(-1)
-    if contender.clips_norm_at_hyper:
+    if contender(name).tuned:  # the tuned clip: steps whose norm exceeded its threshold
         interventions = jnp.sum(norms > run.hyper, dtype=jnp.int32)
     else:
         interventions = count_interventions(opt_state)
@@ -399,13 +532,6 @@ def corpus_arrays(corpus: Corpus, heldout_windows: int) -> dict[str, jax.Array]:
     }
 
 
-class Timing(NamedTuple):
-    """Seconds spent compiling a contender's training program, and per training step."""
-
-    compile_s: float
-    step_s: float  # wall time of the whole compiled run / (steps x runs)
-
-
 @jax.jit
 @jax.vmap
 def initial_params(init_key: jax.Array) -> Params:
@@ -417,164 +543,353 @@ def initial_params(init_key: jax.Array) -> Params:
     return init_gpt(jax.random.wrap_key_data(init_key))
 
 
+class Timing(NamedTuple):
+    """Seconds spent compiling a contender's training program, and per training step."""
+
+    compile_s: float
+    step_s: float  # wall time of the whole compiled run / (steps x runs)
+
+
 def train_many(
-    contender: Contender, corpus: dict[str, jax.Array], runs: Runs
-) -> tuple[RunResult, Timing, Any]:
+    name: str, recipe: Recipe, corpus: dict[str, jax.Array], runs: Runs
+) -> tuple[RunResult, Timing]:
     """All runs of one contender: one compiled, vmapped scan, then their evaluation.
 
     The training program is compiled ahead of time and holds no evaluation, so its wall
-    time is the cost of the training steps alone (forward, backward, update). The
-    compiled program is returned to be run again.
+    time is the cost of the training steps alone (forward, backward, update).
     """
     params = initial_params(runs.init_key)
     start = time.perf_counter()
-    program = jax.jit(jax.vmap(lambda run, p: train_one(contender, corpus, run, p)))
+    program = jax.jit(jax.vmap(lambda run, p: train_one(name, recipe, corpus, run, p)))
     compiled = program.lower(runs, params).compile()
     compile_s = time.perf_counter() - start
-    trained, step_s = run_compiled(compiled, runs, params)
-    curve, final = evaluate(trained.snapshots, corpus)
-    result = RunResult(trained.train_loss, trained.grad_norm, curve, final, trained.interventions)
-    return RunResult(*(np.asarray(a) for a in result)), Timing(compile_s, step_s), compiled
-
-
-def run_compiled(compiled: Any, runs: Runs, params: Params) -> tuple[Trained, float]:
-    """Runs a compiled training program; returns its output and seconds per step and run."""
     start = time.perf_counter()
     trained = jax.block_until_ready(compiled(runs, params))
     num_runs, steps = runs.bad.shape
-    return trained, (time.perf_counter() - start) / (steps * num_runs)
+    step_s = (time.perf_counter() - start) / (steps * num_runs)
+    curve, final = evaluate(trained.snapshots, corpus)
+    result = RunResult(trained.train_loss, trained.grad_norm, curve, final, trained.interventions)
+    return RunResult(*(np.asarray(a) for a in result)), Timing(compile_s, step_s)
 
 
-def sweep_clip_threshold(
-    corpus: dict[str, jax.Array], steps: int, seeds: Sequence[int], n_train: int
-) -> tuple[float, dict[float, float]]:
-    """The clip threshold with the lowest mean clean held-out loss, and the sweep."""
-    runs, labels = make_runs(["clean"], seeds, steps, n_train, CLIP_SWEEP)
-    final = train_many(CLIP, corpus, runs)[0].final
-    by_threshold: dict[float, list[float]] = {h: [] for h in CLIP_SWEEP}
-    for (_, _, hyper), value in zip(labels, final, strict=True):
-        by_threshold[hyper].append(value)
-    means = {h: float(np.mean(v)) for h, v in by_threshold.items()}
-    means = {h: (m if np.isfinite(m) else np.inf) for h, m in means.items()}
-    return min(means, key=means.get), means
+def split_by_scenario(outcome: RunResult, labels, scenarios: Sequence[str]) -> dict:
+    """``{scenario: RunResult over its seeds}`` from the rows of one program."""
+    rows = {s: [i for i, label in enumerate(labels) if label[0] == s] for s in scenarios}
+    return {s: RunResult(*(a[r] for a in outcome)) for s, r in rows.items()}
 
 
-# ------------------------------------------------------------------------- report
+# --------------------------------------------------------------------------- cache
 
 
-def ratio_cell(values: np.ndarray, reference: np.ndarray) -> str:
-    """Per-seed ratio to the reference, as ``+x.x % ± y.y`` (mean ± std over seeds).
+class Cache:
+    """Finished contenders on disk, keyed by the code and every setting of their runs."""
 
-    One seed has no spread, and its cell is the ratio alone.
+    def __init__(self, directory: str | None, settings: dict[str, Any]):
+        self.directory = directory
+        code = source_digest(["optax_logdamp", "benchmarks/anchors.py", "benchmarks/contenders.py"])
+        self.settings = dict(settings, code=code, training_version=TRAINING_VERSION)
+
+    def _path(self, key: dict[str, Any]) -> str | None:
+        if self.directory is None:
+            return None
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return os.path.join(self.directory, f"{digest}.npz")
+
+    def get(self, **key: Any) -> tuple[dict[str, RunResult], Timing] | None:
+        path = self._path(dict(self.settings, **key))
+        if path is None or not os.path.exists(path):
+            return None
+        with np.load(path) as data:
+            results = {
+                s: RunResult(*(data[f"{s}/{f}"] for f in RunResult._fields))
+                for s in key["scenarios"]
+            }
+            return results, Timing(float(data["compile_s"]), float(data["step_s"]))
+
+    def put(self, results: dict[str, RunResult], timing: Timing, **key: Any) -> None:
+        path = self._path(dict(self.settings, **key))
+        if path is None:
+            return
+        os.makedirs(self.directory, exist_ok=True)  # pyright: ignore[reportArgumentType]
+        arrays = {f"{s}/{f}": getattr(r, f) for s, r in results.items() for f in RunResult._fields}
+        np.savez(path, compile_s=timing.compile_s, step_s=timing.step_s, **arrays)
+
+
+# ------------------------------------------------------------------------- metrics
+
+
+def natural_spikes(result: RunResult, bad: np.ndarray) -> np.ndarray:
+    """Per run: steps whose training loss exceeds 1.5x the median of the previous 50.
+
+    Steps that train on a bad batch are not counted (their loss is the bad batch's).
     """
-    ratios = (values / reference - 1) * 100
-    if not np.isfinite(ratios).all():
+    losses = result.train_loss
+    counts = np.zeros(len(losses), int)
+    for step in range(SPIKE_WINDOW, losses.shape[1]):
+        median = np.median(losses[:, step - SPIKE_WINDOW : step], axis=1)
+        counts += (losses[:, step] > SPIKE_FACTOR * median) & ~bad[:, step]
+    return counts
+
+
+def lr_sensitivity(results: dict, name: str, loss_at_init: np.ndarray) -> np.ndarray | None:
+    """Per seed, Wortsman et al.'s LR sensitivity over the rates ``RATES``.
+
+    ``mean over rates of min(loss, loss at init) - min over rates of loss``.
+    """
+    if not all((name, s) in results for s in RATES):
+        return None
+    finals = np.stack([results[name, s].final for s in RATES])  # (rates, seeds)
+    finals = np.where(np.isfinite(finals), finals, np.inf)
+    capped = np.minimum(finals, loss_at_init)
+    return capped.mean(axis=0) - capped.min(axis=0)
+
+
+def damage_cell(method: np.ndarray, recipe_bad: np.ndarray, recipe_clean: np.ndarray) -> str:
+    """``(recipe_bad - method_bad) / (recipe_bad - recipe_clean)``, from the seed means."""
+    damage = float(np.mean(recipe_bad) - np.mean(recipe_clean))
+    if not np.all(np.isfinite(method)):
         return "diverged"
-    if len(ratios) == 1:
-        return f"{ratios[0]:+.1f} %"
-    return f"{np.mean(ratios):+.1f} % ± {np.std(ratios, ddof=1):.1f}"
+    if damage <= 0:
+        return "no damage"
+    return f"{(np.mean(recipe_bad) - np.mean(method)) / damage:.0%}"
 
 
-def results_tables(results: dict, names: Sequence[str]) -> str:
-    """Held-out loss (mean ± std) and the ratio to clean Adam, contenders x scenarios."""
-    reference = results["adam", "clean"].final
-    lines = ["| method | " + " | ".join(SCENARIOS) + " |", "|---" * (len(SCENARIOS) + 1) + "|"]
+# -------------------------------------------------------------------------- report
+
+
+def role(name: str, recipe: Recipe) -> str:
+    """Where a contender sits relative to the recipe, for the tables."""
+    if name == "base":
+        return "the recipe" if recipe.name == "standard" else "plain Adam"
+    if name == "tuned clip":
+        return "clip, threshold tuned"
+    if contender(name).anchor:
+        return "anchor (wraps the recipe)" if name == "skip-step" else "anchor (replaces the clip)"
+    if name.endswith(" (no clip)") or recipe.name == "adam":
+        return "replaces the clip" if recipe.name == "standard" else "in front of Adam"
+    return "in front of the recipe"
+
+
+def results_table(results: dict, names: Sequence[str], scenarios: Sequence[str], recipe) -> str:
+    """Held-out loss relative to the recipe's clean run of the same seed."""
+    reference = results["base", "clean"].final
+    rows = []
     for name in names:
-        cells = [ratio_cell(results[name, s].final, reference) for s in SCENARIOS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Held-out loss (nats per byte), mean ± std over seeds:", ""]
-    lines += ["| method | " + " | ".join(SCENARIOS) + " |", "|---" * (len(SCENARIOS) + 1) + "|"]
-    for name in names:
-        cells = [summarize(results[name, s].final) for s in SCENARIOS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells = [
+            ratio_cell(results[name, s].final, reference) if (name, s) in results else "—"
+            for s in scenarios
+        ]
+        if any(c != "—" for c in cells):
+            rows.append([f"`{name}`", role(name, recipe), *cells])
+    return markdown_table(["method", "where", *scenarios], rows)
 
 
-def interventions_table(results: dict, names: Sequence[str], steps: int) -> str:
-    """Mean count per run of clipped, capped or skipped steps; "—" where not counted."""
-    lines = ["| method | " + " | ".join(SCENARIOS) + " |", "|---" * (len(SCENARIOS) + 1) + "|"]
+def loss_table(results: dict, names: Sequence[str], scenarios: Sequence[str]) -> str:
+    """Held-out loss, mean ± std over seeds."""
+    rows = []
     for name in names:
-        counts = [results[name, s].interventions for s in SCENARIOS]
-        if np.min(counts[0]) < 0:
+        cells = [
+            summarize(results[name, s].final) if (name, s) in results else "—" for s in scenarios
+        ]
+        if any(c != "—" for c in cells):
+            rows.append([f"`{name}`", *cells])
+    return markdown_table(["method", *scenarios], rows)
+
+
+def damage_table(results: dict, names: Sequence[str], scenarios: Sequence[str]) -> str:
+    """How much of the recipe's bad-batch damage each method takes away."""
+    clean = results["base", "clean"].final
+    rows = []
+    for name in names:
+        if name == "base":
             continue
-        lines.append(f"| {name} | " + " | ".join(f"{np.mean(c):.1f}" for c in counts) + " |")
-    return "\n".join(lines)
+        cells = [
+            damage_cell(results[name, s].final, results["base", s].final, clean)
+            if (name, s) in results and ("base", s) in results
+            else "—"
+            for s in scenarios
+        ]
+        if any(c != "—" for c in cells):
+            rows.append([f"`{name}`", *cells])
+    return markdown_table(["method", *scenarios], rows)
 
 
-TARGETS = {RECOMMENDED: 2.0, "logadam(auto)": 3.0}  # SPEC 4: % above clean Adam, bad batches
-CLEAN_TARGET = 0.5  # SPEC 4: % above clean Adam on clean data (no harm)
+def rates_table(results: dict, names: Sequence[str], loss_at_init: np.ndarray, recipe) -> str:
+    """Final held-out loss at each multiple of the peak rate, and the LR sensitivity."""
+    rows = []
+    for name in names:
+        sensitivity = lr_sensitivity(results, name, loss_at_init)
+        if sensitivity is None:
+            continue
+        cells = [summarize(results[name, s].final) for s in RATES]
+        rows.append([f"`{name}`", role(name, recipe), *cells, summarize(sensitivity)])
+    header = ["method", "where", "x1", "x3", "x10", "x30", "LR sensitivity"]
+    return markdown_table(header, rows)
 
 
-def target_report(results: dict) -> str:
-    """SPEC section 4 checks: bad batches and clean data against clean Adam, and the clip."""
-    reference = results["adam", "clean"].final
+def counts_table(results: dict, names, scenarios, count: Callable[[str, str], str]) -> str:
+    rows = []
+    for name in names:
+        cells = [count(name, s) if (name, s) in results else "—" for s in scenarios]
+        if any(c not in ("—", "") for c in cells):
+            rows.append([f"`{name}`", *cells])
+    return markdown_table(["method", *scenarios], rows)
+
+
+def step_time_table(timings: dict[str, Timing], names: Sequence[str]) -> str:
+    """Per-step training time of each contender, its ratio to the recipe's, and compile time."""
+    reference = timings["base"].step_s
+    rows = [
+        [
+            f"`{name}`",
+            f"{timings[name].step_s * 1e3:.2f}",
+            f"{timings[name].step_s / reference:.3f}",
+            f"{timings[name].compile_s:.1f}",
+        ]
+        for name in names
+        if name in timings
+    ]
+    return markdown_table(["method", "ms per step", "× recipe", "compile s"], rows)
+
+
+TARGETS = {
+    # SPEC section 4: (method, bad-batch bound %, clean bound %), relative to the recipe's clean.
+    "standard": (("spike_guard", 0.5, 0.2),),
+    "adam": (("spike_guard", 1.5, 0.3), ("log_dampen(auto)", 3.0, 0.3)),
+}
+
+
+def target_report(results: dict, recipe: Recipe, loss_at_init: np.ndarray) -> str:
+    """SPEC section 4, measured: each bound, the value, and whether it holds."""
+    reference = results["base", "clean"].final
 
     def excess(name: str, scenario: str) -> float:
         return float(np.mean(results[name, scenario].final / reference - 1) * 100)
 
-    lines = [
-        "| method | scenario | vs clean Adam | target | met | tuned clip | ahead of clip |",
-        "|---|---|---:|---:|---|---:|---|",
-    ]
-    for name, bad_target in TARGETS.items():
-        if (name, "clean") not in results:
-            continue
-        for scenario in SCENARIOS:
-            target = CLEAN_TARGET if scenario == "clean" else bad_target
-            value, clip = excess(name, scenario), excess(CLIP.name, scenario)
-            ahead = "—" if scenario == "clean" else ("yes" if value < clip else "NO")
-            lines.append(
-                f"| {name} | {scenario} | {value:+.2f} % | ≤ {target:g} % | "
-                f"{'yes' if value <= target else 'NO'} | {clip:+.2f} % | {ahead} |"
+    rows = []
+    for name, bad_bound, clean_bound in TARGETS[recipe.name]:
+        for scenario in (*CORE, "loss x0.1, repeated_byte", "loss x10, repeated_byte"):
+            if (name, scenario) not in results:
+                continue
+            bound = clean_bound if scenario == "clean" else bad_bound
+            value = excess(name, scenario)
+            recipe_value = excess("base", scenario) if ("base", scenario) in results else np.nan
+            rows.append(
+                [
+                    f"`{name}`",
+                    scenario,
+                    f"{value:+.2f} %",
+                    f"≤ {bound:g} %",
+                    "yes" if value <= bound else "NO",
+                    f"{recipe_value:+.2f} %",
+                ]
             )
-    return "\n".join(lines)
+        if recipe.name == "standard":
+            mine = lr_sensitivity(results, name, loss_at_init)
+            theirs = lr_sensitivity(results, "base", loss_at_init)
+            if mine is not None and theirs is not None:
+                rows.append(
+                    [
+                        f"`{name}`",
+                        "LR sensitivity",
+                        f"{np.mean(mine):.4f}",
+                        "≤ the recipe's",
+                        "yes" if np.mean(mine) <= np.mean(theirs) else "NO",
+                        f"{np.mean(theirs):.4f}",
+                    ]
+                )
+            for scenario in UNITS:
+                if (name, scenario) in results and ("base", scenario) in results:
+                    value, recipe_value = excess(name, scenario), excess("base", scenario)
+                    rows.append(
+                        [
+                            f"`{name}`",
+                            scenario,
+                            f"{value:+.2f} %",
+                            "below the recipe",
+                            "yes" if value < recipe_value else "NO",
+                            f"{recipe_value:+.2f} %",
+                        ]
+                    )
+    header = ["method", "scenario", "vs the recipe's clean", "target", "met", "the recipe"]
+    return markdown_table(header, rows)
 
 
-def step_time_table(timings: dict[str, Timing]) -> str:
-    """Per-step training time of each contender and its ratio to Adam's, and compile time."""
-    reference = min(
-        timings["adam"].step_s, timings.get("adam (again, last)", timings["adam"]).step_s
-    )
-    lines = ["| method | ms per step | × adam | compile s |", "|---|---:|---:|---:|"]
-    for name, timing in timings.items():
-        lines.append(
-            f"| {name} | {timing.step_s * 1e3:.2f} | {timing.step_s / reference:.3f} | "
-            f"{timing.compile_s:.1f} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(results: dict, names: Sequence[str], bad_steps: np.ndarray, path: str) -> None:
-    """Held-out loss of seed 0 over training, one panel per scenario, bad steps marked."""
+def plot_curves(results: dict, names: Sequence[str], bad_steps: dict, path: str) -> None:
+    """Held-out loss of seed 0 over training, one panel per bad-batch scenario."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    panels = [
+        s
+        for s in ("clean", "repeated_byte", "random_bytes", "repeated_byte, late")
+        if ("base", s) in results
+    ]
+    names = [n for n in names if any((n, s) in results for s in panels)]
     style = curve_styles(names)
-    emphasis = {RECOMMENDED, CLIP.name}  # the recommended chain and the tuned anchor
-    fig, axes = plt.subplots(1, len(SCENARIOS), figsize=(17, 5.2), sharey=True)
-    handles = []
-    for ax, scenario in zip(axes, SCENARIOS, strict=True):
+    emphasis = {"base", "spike_guard"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.4), sharey=True)
+    axes = np.atleast_1d(axes)
+    handles = {}
+    reference = results["base", "clean"].curve[0][-1]
+    for ax, scenario in zip(axes, panels, strict=True):
         for name in names:
+            if (name, scenario) not in results:
+                continue
             curve = results[name, scenario].curve[0]
-            x = (np.arange(len(curve)) + 1) * (len(bad_steps) // len(curve))
+            x = (np.arange(len(curve)) + 1) * (len(bad_steps[scenario]) // len(curve))
             color, ls = style[name]
             lw = 2.6 if name in emphasis else 1.3
-            (line,) = ax.plot(x, curve, color=color, ls=ls, lw=lw, label=name)
-            if scenario == SCENARIOS[0]:
-                handles.append(line)
-        if scenario != "clean":
-            for step in np.flatnonzero(bad_steps):
-                ax.axvline(step, color="red", alpha=0.35, lw=0.8, zorder=0)
-        final = results["adam", "clean"].curve[0][-1]
-        ax.set_ylim(final * 0.97, final * 1.35)
+            (handles[name],) = ax.plot(x, curve, color=color, ls=ls, lw=lw, label=name)
+        for step in np.flatnonzero(bad_steps[scenario]):
+            ax.axvline(step, color="red", alpha=0.35, lw=0.8, zorder=0)
+        ax.set_ylim(reference * 0.97, reference * 1.35)
         ax.set_title(f"{scenario} (seed 0)" + ("" if scenario == "clean" else ", red: bad steps"))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out loss (nats per byte)")
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 5), fontsize=9)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    ordered = [handles[n] for n in names if n in handles]
+    fig.legend(handles=ordered, loc="lower center", ncol=min(len(ordered), 5), fontsize=9)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_rates(results: dict, names: Sequence[str], peak_lr: float, path: str) -> None:
+    """Final held-out loss against the peak learning rate, one curve per contender."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in names if all((n, s) in results for s in RATES)]
+    style = curve_styles(names)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    rates = [peak_lr * SCENARIOS[s].lr_multiple for s in RATES]
+    for name in names:
+        means = [np.mean(results[name, s].final) for s in RATES]
+        stds = [np.std(results[name, s].final) for s in RATES]
+        color, ls = style[name]
+        ax.errorbar(
+            rates,
+            means,
+            yerr=stds,
+            color=color,
+            ls=ls,
+            marker="o",
+            capsize=3,
+            lw=2.4 if name in ("base", "spike_guard") else 1.3,
+            label=name,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final held-out loss (nats per byte)")
+    ax.set_title("Learning-rate sensitivity (clean data, mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -582,150 +897,343 @@ def plot(results: dict, names: Sequence[str], bad_steps: np.ndarray, path: str) 
 # ------------------------------------------------------------------------------ main
 
 
+def sweep(
+    name: str,
+    recipe: Recipe,
+    corpus,
+    steps: int,
+    seeds,
+    n_train: int,
+    cache: Cache,
+    log,
+    *,
+    learning_rates: Sequence[float] | None = None,
+    hypers: Sequence[float] = (0.0,),
+) -> tuple[float, dict[float, float]]:
+    """The swept value (peak rate or clip threshold) with the lowest mean clean loss."""
+    values = tuple(learning_rates or hypers)
+    key = dict(sweep=name, values=values, scenarios=["clean"])
+    runs, labels = make_runs(
+        ["clean"], seeds, steps, n_train, recipe.peak_lr, learning_rates, hypers
+    )
+    cached = cache.get(**key)
+    if cached is None:
+        outcome, timing = train_many(name, recipe, corpus, runs)
+        cache.put({"clean": outcome}, timing, **key)
+    else:
+        outcome = cached[0]["clean"]
+    column = 2 if learning_rates else 3
+    by_value: dict[float, list[float]] = {v: [] for v in values}
+    for label, value in zip(labels, outcome.final, strict=True):
+        by_value[label[column]].append(float(value))
+    means = {
+        v: float(np.mean(f)) if np.all(np.isfinite(f)) else np.inf for v, f in by_value.items()
+    }
+    best = min(means, key=means.__getitem__)
+    log(f"sweep of {name}: {means}; chosen {best:g}")
+    return best, means
+
+
 def run_benchmark(
+    recipe_name: str,
     steps: int,
     seeds: Sequence[int],
     out_dir: str,
-    contenders: Sequence[Contender] = CONTENDERS,
+    plan: Sequence[tuple[str, Sequence[str]]],
     heldout_windows: int = HELDOUT_WINDOWS,
+    sweep_peak: bool = False,
+    cache_dir: str | None = None,
     quiet: bool = False,
     command: str = "python benchmarks/lm_spike_benchmark.py",
 ) -> dict:
-    """Runs every contender on every scenario; writes the Markdown report and the figure.
+    """Load, sweep, train every contender of ``plan``, report, write.
 
     Args:
+      recipe_name: ``"standard"`` or ``"adam"``.
       steps: training steps per run, a multiple of ``eval_every(steps)``.
       seeds: the seeds (initial parameters, data order, bad steps and bytes).
-      out_dir: where ``lm_spike_benchmark.md`` and ``lm_spike_benchmark.png`` go.
-      contenders: the methods, ``adam`` first.
+      out_dir: where ``lm_<recipe>.md``, ``lm_<recipe>.png`` (and ``lm_<recipe>_lr.png``) go.
+      plan: ``(contender, scenarios)`` pairs; ``base`` with ``clean`` must be among them.
       heldout_windows: how many held-out windows give the final loss (a multiple of 64).
+      sweep_peak: sweep the standard recipe's peak rate on clean data first.
+      cache_dir: where finished contenders are kept (``None``: nowhere).
       quiet: print nothing.
       command: the command line, for the record.
 
     Returns:
-      ``{(contender, scenario): RunResult over seeds}``, plus ``"markdown"`` and
-      ``"figure"`` paths and the chosen ``"clip_threshold"``.
+      ``{(contender, scenario): RunResult over seeds}``, plus ``"markdown"``.
     """
     if steps % eval_every(steps):
         raise ValueError(f"steps must be a multiple of {eval_every(steps)}, got {steps}.")
+    if ("base", "clean") not in [(n, s) for n, ss in plan for s in ss]:
+        raise ValueError("the plan must run 'base' on 'clean': it is the reference.")
+    log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     start = time.perf_counter()
+    recipe = RECIPES[recipe_name]
     corpus = load_stdlib_corpus()
     arrays = corpus_arrays(corpus, heldout_windows)
     n_train = len(corpus.train)
-    log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    settings = dict(recipe=recipe_name, steps=steps, seeds=list(seeds), windows=heldout_windows)
+    cache = Cache(cache_dir, settings)
 
-    threshold, sweep = sweep_clip_threshold(arrays, steps, seeds, n_train)
-    log(f"clip sweep (clean held-out loss): {sweep}; chosen {threshold:g}")
+    # 1. Sweep what a user would sweep, on clean data.
+    peak_sweep = clip_sweep = None
+    if sweep_peak and recipe.peak_sweep:
+        peak, peak_sweep = sweep(
+            "base",
+            recipe,
+            arrays,
+            steps,
+            seeds,
+            n_train,
+            cache,
+            log,
+            learning_rates=recipe.peak_sweep,
+        )
+        recipe = dataclasses.replace(recipe, peak_lr=peak)
+    threshold = 0.0
+    if recipe.clip_sweep and any(name == "tuned clip" for name, _ in plan):
+        threshold, clip_sweep = sweep(
+            "tuned clip",
+            recipe,
+            arrays,
+            steps,
+            seeds,
+            n_train,
+            cache,
+            log,
+            hypers=recipe.clip_sweep,
+        )
+
+    # 2. Train every contender on its scenarios.
     results: dict[Any, Any] = {}
     timings: dict[str, Timing] = {}
-    runs, labels = make_runs(SCENARIOS, seeds, steps, n_train, (threshold,))
-    adam_program = None
-    for contender in contenders:
-        outcome, timings[contender.name], compiled = train_many(contender, arrays, runs)
-        if contender.name == "adam":
-            adam_program = compiled
-        for scenario in SCENARIOS:
-            rows = [i for i, label in enumerate(labels) if label[0] == scenario]
-            results[contender.name, scenario] = RunResult(*(a[rows] for a in outcome))
-        finals = [f"{np.mean(results[contender.name, s].final):.4f}" for s in SCENARIOS]
-        log(f"{contender.name}: {' / '.join(finals)} ({timings[contender.name]})")
-    # Adam again, last: the first program to run can be slower; the spread of the two is
-    # the timing noise of this run, and the faster one is the reference.
-    if adam_program is not None:
-        params = initial_params(runs.init_key)
-        timings["adam (again, last)"] = Timing(0.0, run_compiled(adam_program, runs, params)[1])
+    for name, scenarios in plan:
+        key = dict(contender=name, scenarios=list(scenarios), peak=recipe.peak_lr, hyper=threshold)
+        cached = cache.get(**key)
+        if cached is None:
+            runs, labels = make_runs(
+                scenarios, seeds, steps, n_train, recipe.peak_lr, hypers=(threshold,)
+            )
+            outcome, timing = train_many(name, recipe, arrays, runs)
+            by_scenario = split_by_scenario(outcome, labels, scenarios)
+            cache.put(by_scenario, timing, **key)
+        else:
+            by_scenario, timing = cached
+        timings[name] = timing
+        for scenario, result in by_scenario.items():
+            results[name, scenario] = result
+        finals = ", ".join(f"{s} {np.mean(r.final):.4f}" for s, r in by_scenario.items())
+        log(f"{name}{' (cached)' if cached else ''}: {finals} ({timing})")
     elapsed = time.perf_counter() - start
 
-    names = [c.name for c in contenders]
-    bad_steps = seed_streams(seeds[0], steps, n_train, "random_bytes")["bad"]
-    num_params = sum(a.size for a in jax.tree.leaves(init_gpt(jax.random.key(0))))
-    num_runs = runs.bad.shape[0]
-    seeds_text = f"{len(seeds)} seeds" if len(seeds) > 1 else "1 seed (no spread to show)"
-    sweep_text = ", ".join(f"{h:g} → {m:.4f}" for h, m in sweep.items())
-    report = "\n".join(
-        [
-            "# Language-model spike benchmark",
-            "",
-            f"Held-out loss after {steps} steps, {seeds_text}, relative to clean Adam of "
-            "the same seed (mean ± std over seeds of the per-seed ratio; lower is "
-            f"better). {BAD_FRACTION:.0%} of the steps ({int(bad_steps.sum())} per run) "
-            "train on a bad batch in `repeated_byte` and `random_bytes`.",
-            "",
-            results_tables(results, names),
-            "",
-            f"`clip_by_global_norm`: threshold tuned by a sweep on the clean scenario "
-            f"(clean held-out loss per threshold: {sweep_text}; chosen: {threshold:g}). "
-            "Every other method: defaults, nothing tuned.",
-            "",
-            "## Targets (SPEC section 4)",
-            "",
-            "Mean over seeds of the held-out loss relative to clean Adam of the same seed. "
-            "Nothing is tuned per scenario.",
-            "",
-            target_report(results),
-            "",
-            "## Interventions",
-            "",
-            "Mean count per run of steps clipped (`clip_by_global_norm`: norm above the "
-            'threshold; ZClip), capped (ALRC; with `signal="both"` the caps of both '
-            "signals, summed) or skipped (skip-step). The dampening acts on every step "
-            "and is not counted.",
-            "",
-            interventions_table(results, names, steps),
-            "",
-            "## Whole training-step time",
-            "",
-            "What a user pays per step: the wall time of each contender's compiled training "
-            "program (forward, backward and update of every step, all its runs vmapped; the "
-            "held-out evaluation runs afterwards, in a separate program) divided by steps x "
-            "runs, and its ratio to Adam's (the faster of Adam's two runs, first and last; "
-            "their spread is the noise of the measurement). The contenders run one after "
-            f"another, each timed over one run of its program ({steps} steps x {num_runs} "
-            f"runs, about {timings['adam'].step_s * steps * num_runs:.0f} s here), so a busy "
-            "moment of the machine inflates one contender alone: compare ratios from a quiet "
-            "machine and a long run (the committed `--full` results).",
-            "",
-            step_time_table(timings),
-            "",
-            "## Setup",
-            "",
-            f"Corpus: {corpus.description}.  ",
-            f"Model: decoder-only transformer, {LAYERS} layers, width {WIDTH}, {HEADS} heads, "
-            f"context {CONTEXT}, tied byte embeddings, {num_params:,} parameters; batch "
-            f"{BATCH}; Adam, learning rate {LEARNING_RATE:g}, no warm-up.  ",
-            f"Held-out loss: {heldout_windows} fixed windows ({heldout_windows * CONTEXT:,} "
-            f"predicted bytes); the figure's curve: {CURVE_WINDOWS} of them every "
-            f"{eval_every(steps)} steps.  ",
-            f"Command: `{command}`  ",
-            f"Machine: {machine_line()}  ",
-            f"Wall time: {elapsed:.0f} s (everything above, compilation included)",
-            "",
-        ]
+    # 3. Report.
+    names = list(dict.fromkeys(name for name, _ in plan))
+    init = initial_params(make_runs(["clean"], seeds, steps, n_train, recipe.peak_lr)[0].init_key)
+    loss_at_init = np.asarray(lax.map(lambda p: heldout_loss(p, arrays["heldout"]), init))
+    streams = {
+        s: np.stack([seed_streams(seed, steps, n_train, SCENARIOS[s])["bad"] for seed in seeds])
+        for s in SCENARIOS
+    }
+    report = format_report(
+        results,
+        timings,
+        names,
+        recipe,
+        steps,
+        seeds,
+        corpus,
+        heldout_windows,
+        streams,
+        loss_at_init,
+        peak_sweep,
+        clip_sweep,
+        threshold,
+        command,
+        elapsed,
     )
     os.makedirs(out_dir, exist_ok=True)
-    md_path = os.path.join(out_dir, "lm_spike_benchmark.md")
-    png_path = os.path.join(out_dir, "lm_spike_benchmark.png")
-    with open(md_path, "w") as f:
+    stem = os.path.join(out_dir, f"lm_{recipe_name}")
+    with open(f"{stem}.md", "w") as f:
         f.write(report)
-    plot(results, names, bad_steps, png_path)
+    plot_curves(results, names, {s: b[0] for s, b in streams.items()}, f"{stem}.png")
+    figures = [f"{stem}.png"]
+    if any(all((n, s) in results for s in RATES) for n in names):
+        plot_rates(results, names, recipe.peak_lr, f"{stem}_lr.png")
+        figures.append(f"{stem}_lr.png")
     log(report)
-    log(f"Wrote {md_path} and {png_path}")
-    results.update(markdown=md_path, figure=png_path, clip_threshold=threshold)
+    log(f"Wrote {stem}.md and {', '.join(figures)}")
+    results.update(
+        markdown=f"{stem}.md", figures=figures, peak_lr=recipe.peak_lr, clip_threshold=threshold
+    )
     return results
 
 
-QUICK_STEPS, QUICK_SEEDS = 60, 1  # ~4 min on 2 cores (5 at most), 90 s of it compiling
-FULL_STEPS, FULL_SEEDS = 600, 3  # 1500 steps, as in SPEC 1.4: about 2.2 h on 2 cores
+def format_report(
+    results,
+    timings,
+    names,
+    recipe,
+    steps,
+    seeds,
+    corpus,
+    heldout_windows,
+    streams,
+    loss_at_init,
+    peak_sweep,
+    clip_sweep,
+    threshold,
+    command,
+    elapsed,
+) -> str:
+    """The Markdown report; every number in it comes from ``results`` and ``timings``."""
+    num_bad = int(streams["repeated_byte"][0].sum())
+    seeds_text = f"{len(seeds)} seeds" if len(seeds) > 1 else "1 seed (no spread to show)"
+    present = lambda group: [s for s in group if any((n, s) in results for n in names)]  # noqa: E731
+    if peak_sweep:
+        tuning = (
+            "The peak rate was chosen by a sweep on clean data (held-out loss per peak: "
+            + ", ".join(f"{h:g} → {m:.4f}" for h, m in peak_sweep.items())
+            + f"; chosen: {recipe.peak_lr:g})."
+        )
+    elif recipe.name == "standard":
+        tuning = (
+            f"The peak rate {recipe.peak_lr:g} was not swept in this run: it is what the "
+            "`--full` sweep over 1e-3, 3e-3, 1e-2 and 3e-2 chose."
+        )
+    else:
+        tuning = ""
+    if clip_sweep:
+        tuning += (
+            " `tuned clip`: threshold chosen by a sweep on clean data ("
+            + ", ".join(f"{h:g} → {m:.4f}" for h, m in clip_sweep.items())
+            + f"; chosen: {threshold:g})."
+        )
+
+    def spikes(name, scenario):
+        return f"{np.mean(natural_spikes(results[name, scenario], streams[scenario])):.1f}"
+
+    def interventions(name, scenario):
+        count = results[name, scenario].interventions
+        return "" if np.min(count) < 0 else f"{np.mean(count):.1f}"
+
+    reference_name = "the recipe" if recipe.name == "standard" else "plain Adam"
+    sections = [
+        f"# Language-model spike benchmark: {recipe.title}",
+        "",
+        f"Held-out loss after {steps} steps, {seeds_text}, relative to {reference_name}'s "
+        "clean run of the same seed (mean ± std over seeds of the per-seed ratio; lower is "
+        f"better). Recipe: {recipe.describe()}. {tuning} Every other method runs at its "
+        f"defaults, nothing tuned. In the bad-batch scenarios {BAD_FRACTION:.0%} of the steps "
+        f"({num_bad} per run) train on a bad batch, spread over the run or (`late`) in its "
+        "last half. `—`: not run (see the plan in `lm_spike_benchmark.py`).",
+        "",
+        "## Bad batches",
+        "",
+        results_table(results, names, present(CORE), recipe),
+        "",
+        "Held-out loss (nats per byte), mean ± std over seeds:",
+        "",
+        loss_table(results, names, present(CORE)),
+        "",
+        "## Damage recovered",
+        "",
+        f"`(recipe_bad - method_bad) / (recipe_bad - recipe_clean)`, from the means over "
+        f"seeds: the share of {reference_name}'s bad-batch damage that the method takes away "
+        "(100 %: none left; negative: worse than the recipe).",
+        "",
+        damage_table(results, names, present(BAD)),
+    ]
+    if present(UNITS):
+        sections += [
+            "",
+            "## The gradient's units",
+            "",
+            "The training loss multiplied by 0.1 or 10 (so is its gradient), relative to "
+            f"{reference_name}'s clean run at the usual scale (the held-out loss is the "
+            "usual one). Adam is nearly invariant to the scale; a fixed clip threshold is not.",
+            "",
+            results_table(results, names, present(UNITS), recipe),
+        ]
+    if any(all((n, s) in results for s in RATES) for n in names):
+        sections += [
+            "",
+            "## Learning-rate sensitivity",
+            "",
+            "Final held-out loss on clean data at 1x, 3x, 10x and 30x the peak rate, and the "
+            "LR sensitivity of Wortsman et al. (2023): the mean over the rates of "
+            "`min(loss, loss at init) - best loss` (lower is more robust; the loss at "
+            f"initialisation is {np.mean(loss_at_init):.3f}).",
+            "",
+            rates_table(results, names, loss_at_init, recipe),
+            "",
+            f"![Final loss against the peak rate](lm_{recipe.name}_lr.png)",
+        ]
+    sections += [
+        "",
+        "## Targets (SPEC section 4)",
+        "",
+        "Mean over seeds, relative to the recipe's clean run; nothing tuned per scenario.",
+        "",
+        target_report(results, recipe, loss_at_init),
+        "",
+        "## Interventions and natural loss spikes",
+        "",
+        "Mean count per run of the steps each defence acted on: clipped (`tuned clip`: norm "
+        "above the threshold; ZClip; AdaGC and update clipping: a step where some tensor was "
+        "clipped; SPAM: some coordinate), capped (ALRC, `spike_guard`; with two signals the "
+        "caps of both, summed) or skipped (skip-step). The recipe's own clip and the "
+        "dampening are not counted.",
+        "",
+        counts_table(results, names, present(ALL), interventions),
+        "",
+        f"Natural loss spikes: steps whose training loss exceeds {SPIKE_FACTOR:g}x the median "
+        f"of the previous {SPIKE_WINDOW}, on a step without a bad batch (mean per run).",
+        "",
+        counts_table(results, names, present(ALL), spikes),
+        "",
+        "## Whole training-step time",
+        "",
+        "Wall time of each contender's compiled training program (forward, backward and "
+        "update, all its runs vmapped; evaluation runs afterwards, in a separate program) "
+        "divided by steps x runs, and its ratio to the recipe's. The contenders run one after "
+        "another and have different numbers of runs, and a busy moment of the machine "
+        "inflates one contender alone: compare ratios from a quiet machine.",
+        "",
+        step_time_table(timings, names),
+        "",
+        "## Setup",
+        "",
+        f"Corpus: {corpus.description}.  ",
+        f"Model: decoder-only transformer, {LAYERS} layers, width {WIDTH}, {HEADS} heads, "
+        f"context {CONTEXT}, tied byte embeddings, "
+        f"{sum(a.size for a in jax.tree.leaves(init_gpt(jax.random.key(0)))):,} parameters; "
+        f"batch {BATCH}.  ",
+        f"Held-out loss: {heldout_windows} fixed windows ({heldout_windows * CONTEXT:,} "
+        f"predicted bytes); the figure's curve: {CURVE_WINDOWS} of them every "
+        f"{eval_every(steps)} steps.  ",
+        "Plan (contender: scenarios): "
+        + "; ".join(f"`{n}`: {len([s for s in ALL if (n, s) in results])}" for n in names)
+        + ".  ",
+        f"Command: `{command}`  ",
+        f"Machine: {machine_line()}  ",
+        f"Wall time: {elapsed:.0f} s (training and compilation; cached contenders cost none)",
+        "",
+        f"![Held-out loss over training](lm_{recipe.name}.png)",
+        "",
+    ]
+    return "\n".join(sections)
+
+
+QUICK_STEPS, QUICK_SEEDS = 60, 1  # ~4 min on 2 cores (5 at most)
+FULL_STEPS, FULL_SEEDS = 1500, 3
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--full", action="store_true", help=f"{FULL_STEPS} steps, {FULL_SEEDS} seeds"
-    )
-    parser.add_argument("--steps", type=int, default=None, help=f"default {QUICK_STEPS}")
-    parser.add_argument("--seeds", type=int, default=None, help=f"default {QUICK_SEEDS}")
+    add_common_flags(parser, QUICK_STEPS, QUICK_SEEDS, FULL_STEPS, FULL_SEEDS)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="standard")
     parser.add_argument(
         "--heldout-windows",
         type=int,
@@ -733,18 +1241,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         help=f"held-out windows, a multiple of 64 (default {QUICK_HELDOUT_WINDOWS}; "
         f"{HELDOUT_WINDOWS} with --full)",
     )
-    parser.add_argument("--out", default="results", help="output directory (default results/)")
-    parser.add_argument("--quiet", action="store_true", help="print nothing")
+    parser.add_argument(
+        "--contenders",
+        default=None,
+        help="comma-separated registry names to run (default: the plan of the recipe); "
+        "each runs the scenarios the plan gives it, or every core scenario",
+    )
+    parser.add_argument("--no-cache", action="store_true", help="do not keep or reuse results")
     args = parser.parse_args(argv)
     steps = args.steps or (FULL_STEPS if args.full else QUICK_STEPS)
     num_seeds = args.seeds or (FULL_SEEDS if args.full else QUICK_SEEDS)
     windows = args.heldout_windows or (HELDOUT_WINDOWS if args.full else QUICK_HELDOUT_WINDOWS)
+    plan = PLANS[args.recipe]["full" if args.full else "quick"]
+    if args.contenders:
+        given = dict(plan)
+        wanted = ["base", *(n for n in args.contenders.split(",") if n != "base")]
+        plan = tuple((contender(n).name, given.get(n, CORE)) for n in wanted)
     command = " ".join(["python benchmarks/lm_spike_benchmark.py", *(argv or sys.argv[1:])])
     run_benchmark(
+        args.recipe,
         steps,
         list(range(num_seeds)),
         args.out,
+        plan,
         heldout_windows=windows,
+        sweep_peak=args.full,
+        cache_dir=None if args.no_cache else os.path.join(args.out, "cache"),
         quiet=args.quiet,
         command=command,
     )

@@ -1,8 +1,11 @@
-"""Reporting helpers shared by the benchmark scripts: summaries, verdicts, the machine."""
+"""What the benchmark scripts share: command-line flags, summaries, tables, the machine."""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import os
+import pathlib
 import platform
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +28,69 @@ def summarize(values: np.ndarray) -> str:
     if not finite.all():
         text += f" ({(~finite).sum()} diverged)"
     return text
+
+
+def ratio_cell(values: np.ndarray, reference: np.ndarray) -> str:
+    """Per-seed ratio to the reference, as ``+x.x % ± y.y`` (mean ± std over seeds).
+
+    One seed has no spread, and its cell is the ratio alone.
+    """
+    ratios = (values / reference - 1) * 100
+    if not np.isfinite(ratios).all():
+        return "diverged"
+    if len(ratios) == 1:
+        return f"{ratios[0]:+.2f} %"
+    return f"{np.mean(ratios):+.2f} % ± {np.std(ratios, ddof=1):.2f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table: the header, a rule, one line per row."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def source_digest(paths: Sequence[str]) -> str:
+    """SHA-256 (16 hex digits) of the Python sources under ``paths``, relative to the root.
+
+    Keys cached benchmark results to the code that produced them.
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        full = ROOT / path
+        files = sorted(full.rglob("*.py")) if full.is_dir() else [full]
+        for file in files:
+            digest.update(str(file.relative_to(ROOT)).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def add_common_flags(
+    parser: argparse.ArgumentParser,
+    quick_steps: int,
+    quick_seeds: int,
+    full_steps: int,
+    full_seeds: int,
+) -> None:
+    """The flags of every benchmark: --full, --steps, --seeds, --out and --quiet."""
+    parser.add_argument(
+        "--full", action="store_true", help=f"{full_steps} steps, {full_seeds} seeds"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help=f"default {quick_steps} ({full_steps} with --full)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=None, help=f"default {quick_seeds} ({full_seeds} with --full)"
+    )
+    parser.add_argument(
+        "--out",
+        default=str(ROOT / "results"),
+        help="report directory (default: results/ at the repository top, ignored by git)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="print nothing")
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

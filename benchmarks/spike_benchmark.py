@@ -40,7 +40,7 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -51,7 +51,8 @@ from jax import lax
 
 import optax_logdamp as old
 
-from anchors import count_interventions, skip_step_on_spikes, zclip
+from anchors import count_interventions
+from contenders import AGC_CLIPPING, Base, build, contender
 from reporting import (
     curve_styles,
     machine_line,
@@ -68,7 +69,6 @@ HIGH_LR = 1e-1
 CORRUPT_FRACTION = 0.005
 CORRUPT_FACTOR = 100.0
 CLIP_SWEEP = (0.03, 0.1, 0.3, 1.0, 3.0)
-AGC_CLIPPING = 0.01
 HIDDEN = 128
 
 
@@ -136,53 +136,28 @@ def per_example_losses(params: Params, x, y, quartic: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------- contenders
 
 
-@dataclasses.dataclass(frozen=True)
-class Contender:
-    """A method under test: ``make(learning_rate, hyperparameter) -> optimizer``."""
-
-    name: str
-    make: Callable[[jax.Array, jax.Array], optax.GradientTransformationExtraArgs]
-    per_example: bool = False  # caps each example's loss with cap_losses
-    min_batch: int = 1  # runs only at batch sizes >= this
-
-
-CONTENDERS: tuple[Contender, ...] = (
-    Contender("adam", lambda lr, hp: optax.adam(lr)),
-    Contender(
-        "clip_by_global_norm + adam",
-        lambda lr, hp: optax.chain(optax.clip_by_global_norm(hp), optax.adam(lr)),
-    ),
-    Contender(
-        "adaptive_grad_clip + adam",
-        lambda lr, hp: optax.chain(optax.adaptive_grad_clip(AGC_CLIPPING), optax.adam(lr)),
-    ),
-    Contender("zclip + adam", lambda lr, hp: optax.chain(zclip(), optax.adam(lr))),
-    Contender("skip-step + adam", lambda lr, hp: skip_step_on_spikes(optax.adam(lr))),
-    Contender("logadam", lambda lr, hp: old.logadam(lr)),
-    Contender("alrc + adam", lambda lr, hp: optax.chain(old.alrc(), optax.adam(lr))),
-    Contender("alrc + logadam", lambda lr, hp: optax.chain(old.alrc(), old.logadam(lr))),
-    Contender(
-        "alrc(grad_norm) + adam",
-        lambda lr, hp: optax.chain(old.alrc(signal="grad_norm"), optax.adam(lr)),
-    ),
-    Contender("logadam(auto)", lambda lr, hp: old.logadam(lr, dampen_scale="auto")),
-    Contender(
-        "alrc(grad_norm) + logadam(auto)",
-        lambda lr, hp: optax.chain(
-            old.alrc(signal="grad_norm"), old.logadam(lr, dampen_scale="auto")
-        ),
-    ),
-    Contender(
-        "alrc(both) + logadam(auto)",
-        lambda lr, hp: optax.chain(old.alrc(signal="both"), old.logadam(lr, dampen_scale="auto")),
-    ),
-    Contender(
-        "alrc_per_example + adam",
-        lambda lr, hp: optax.chain(old.alrc_per_example(), optax.adam(lr)),
-        per_example=True,
-        min_batch=2,
-    ),
+# The registry names (``contenders.py``) this benchmark runs, with plain Adam as the base.
+CONTENDERS: tuple[str, ...] = (
+    "base",
+    "tuned clip",
+    "adaptive_grad_clip",
+    "zclip",
+    "skip-step",
+    "log_dampen",
+    "alrc",
+    "alrc + log_dampen",
+    "alrc(grad_norm)",
+    "log_dampen(auto)",
+    "alrc(grad_norm) + log_dampen(auto)",
+    "alrc(both) + log_dampen(auto)",
+    "spike_guard",
+    "alrc_per_example",
 )
+
+
+def min_batch(name: str) -> int:
+    """The smallest batch a contender runs at: per-example ALRC needs two examples."""
+    return 2 if contender(name).per_example else 1
 
 
 # ----------------------------------------------------------------------- scenarios
@@ -259,7 +234,7 @@ def make_runs(
 # ------------------------------------------------------------------------ training
 
 
-def train_one(contender: Contender, data: Data, run: Runs) -> tuple[jax.Array, ...]:
+def train_one(name: str, data: Data, run: Runs) -> tuple[jax.Array, ...]:
     """One full training run (traced; vmapped over runs by :func:`train_many`).
 
     Returns:
@@ -267,7 +242,8 @@ def train_one(contender: Contender, data: Data, run: Runs) -> tuple[jax.Array, .
       final test mean squared error and the count of interventions (or -1).
     """
     params = init_mlp(jax.random.wrap_key_data(run.init_key))
-    tx = contender.make(run.learning_rate, run.hyper)
+    tx = build(name, Base(run.learning_rate), run.hyper)
+    per_example = contender(name).per_example
     opt_state = tx.init(params)
 
     def step(carry, inputs):
@@ -278,12 +254,12 @@ def train_one(contender: Contender, data: Data, run: Runs) -> tuple[jax.Array, .
 
         def loss_fn(p):
             losses = per_example_losses(p, x, y, run.quartic)
-            if contender.per_example:
+            if per_example:
                 return old.cap_losses(losses, opt_state).mean(), losses
             return losses.mean(), losses
 
         (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        value = losses if contender.per_example else losses.mean()
+        value = losses if per_example else losses.mean()
         updates, opt_state = tx.update(grads, opt_state, params, value=value)
         return (optax.apply_updates(params, updates), opt_state), losses.mean()
 
@@ -294,13 +270,13 @@ def train_one(contender: Contender, data: Data, run: Runs) -> tuple[jax.Array, .
     return train_losses, test_mse, count_interventions(opt_state)
 
 
-def train_many(contender: Contender, data: Data, runs: Runs) -> tuple[np.ndarray, ...]:
+def train_many(name: str, data: Data, runs: Runs) -> tuple[np.ndarray, ...]:
     """All runs of one contender at one batch size: one compiled, vmapped scan.
 
     Returns:
       Training losses ``(R, steps)``, final test MSE ``(R,)`` and interventions ``(R,)``.
     """
-    fn = jax.jit(jax.vmap(lambda run: train_one(contender, data, run)))
+    fn = jax.jit(jax.vmap(lambda run: train_one(name, data, run)))
     return tuple(np.asarray(a) for a in fn(runs))
 
 
@@ -326,14 +302,15 @@ def markdown_table(
 
 
 TARGET_METHODS = (
-    "adam",
-    "alrc + adam",
-    "alrc + logadam",
-    "alrc_per_example + adam",
-    "alrc(grad_norm) + adam",
-    "logadam(auto)",
-    "alrc(grad_norm) + logadam(auto)",
-    "alrc(both) + logadam(auto)",
+    "base",
+    "alrc",
+    "alrc + log_dampen",
+    "alrc_per_example",
+    "alrc(grad_norm)",
+    "log_dampen(auto)",
+    "alrc(grad_norm) + log_dampen(auto)",
+    "alrc(both) + log_dampen(auto)",
+    "spike_guard",
 )
 
 
@@ -345,7 +322,7 @@ def target_report(results: dict, batch_sizes: Sequence[int]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for batch in batch_sizes:
-        adam_clean = results["adam", batch, "mse_stable"]
+        adam_clean = results["base", batch, "mse_stable"]
         for name in TARGET_METHODS:
             if (name, batch, "mse_stable") not in results:
                 continue
@@ -354,7 +331,7 @@ def target_report(results: dict, batch_sizes: Sequence[int]) -> str:
             ratio = float(np.mean(corrupt) / np.mean(clean))
             ratio_adam = float(np.mean(corrupt) / np.mean(adam_clean))
             diff, stderr = paired_difference(clean, adam_clean)
-            verdict = "—" if name == "adam" else no_harm_verdict(diff, stderr)
+            verdict = "—" if name == "base" else no_harm_verdict(diff, stderr)
             lines.append(
                 f"| {batch} | {name} | {ratio:.4f} | {ratio_adam:.4f} | "
                 f"{'yes' if ratio <= 1.02 else 'NO'} | {diff:+.5f} ± {stderr:.5f} | {verdict} |"
@@ -434,7 +411,7 @@ def format_report(
     results, interventions, sweeps, thresholds, steps, num_seeds, batch_sizes, command
 ) -> str:
     """The Markdown report: results, tuning, interventions, SPEC targets, machine."""
-    names = [c.name for c in CONTENDERS]
+    names = list(CONTENDERS)
     sweep_text = "; ".join(
         f"batch {b}: "
         + ", ".join(f"{h:g} → {m:.5f}" for h, m in sweeps[b].items())
@@ -446,7 +423,10 @@ def format_report(
             "# Spike-protection benchmark",
             "",
             f"Final held-out (test) MSE, mean ± std over {num_seeds} seeds, after {steps} "
-            "steps. Lower is better.",
+            "steps. Lower is better. Names are those of `contenders.py`: `base` is Adam at "
+            "the scenario's learning rate, and every other method is that defence in front "
+            "of it (`log_dampen` in front of Adam is `logadam`; `tuned clip` is "
+            "`clip_by_global_norm` with a swept threshold).",
             f"Learning rates: stable {STABLE_LR:g}, high {HIGH_LR:g}; {CORRUPT_FRACTION:.1%} "
             f"of the steps in `mse_corrupt` have their targets multiplied by {CORRUPT_FACTOR:g}.",
             "",
@@ -478,7 +458,7 @@ def sweep_clip_threshold(data: Data, steps: int, batch: int, seeds: Sequence[int
     """The clip_by_global_norm threshold with the lowest clean test error, and the sweep."""
     clean = [s for s in SCENARIOS if s.name == "mse_stable"]
     runs, labels = make_runs(clean, seeds, steps, batch, len(data.x_train), CLIP_SWEEP)
-    _, test_mse, _ = train_many(CONTENDERS[1], data, runs)
+    _, test_mse, _ = train_many("tuned clip", data, runs)
     by_threshold = {h: [] for h in CLIP_SWEEP}
     for (_, _, hyper), value in zip(labels, test_mse, strict=True):
         by_threshold[hyper].append(value)
@@ -514,8 +494,8 @@ def run_benchmark(
 
     start = time.perf_counter()
     data = load_digits_supersampling()
-    names = [c.name for c in CONTENDERS]
-    jobs = [(c, b) for b in batch_sizes for c in CONTENDERS if b >= c.min_batch]
+    names = list(CONTENDERS)
+    jobs = [(c, b) for b in batch_sizes for c in CONTENDERS if b >= min_batch(c)]
     results, curves, interventions, thresholds, sweeps = {}, {}, {}, {}, {}
     with tqdm(total=len(jobs) + len(batch_sizes), disable=quiet, desc="spike benchmark") as bar:
         for batch in batch_sizes:
@@ -523,14 +503,14 @@ def run_benchmark(
             thresholds[batch], sweeps[batch] = sweep_clip_threshold(data, steps, batch, seeds)
             bar.update()
             for contender in [c for c, b in jobs if b == batch]:
-                bar.set_postfix_str(f"{contender.name}, batch {batch}")
+                bar.set_postfix_str(f"{contender}, batch {batch}")
                 runs, labels = make_runs(
                     SCENARIOS, seeds, steps, batch, len(data.x_train), (thresholds[batch],)
                 )
                 losses, test_mse, counts = train_many(contender, data, runs)
                 for scenario in SCENARIOS:
                     rows = [i for i, lab in enumerate(labels) if lab[0] == scenario.name]
-                    key = (contender.name, batch, scenario.name)
+                    key = (contender, batch, scenario.name)
                     results[key] = test_mse[rows]
                     curves[key] = losses[rows[0]]
                     interventions[key] = counts[rows]

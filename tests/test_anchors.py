@@ -5,6 +5,12 @@ norms give the exact mean and variance, and a norm with z-score ``z > 2.5`` resc
 ``mean + z_thr**2 * std / z``; the statistics then take the clipped norm.
 Skip-step (Levanter / OLMo-core): a step whose loss or gradient norm exceeds the mean +
 6 std of the last 128 steps is skipped, once 64 steps are known.
+AdaGC (Wang et al., 2025): a global clip to 1.0 and a running minimum of each tensor's
+norm for 100 steps, then each tensor clipped to 1.05x an EMA (beta 0.98) of its clipped
+norms. Update clipping (StableAdamW, Wortsman et al., 2023): each tensor's Adam step
+divided by max(1, RMS(g**2 / v_hat)). SPAM (Huang et al., 2025): coordinates with
+g**2 > 5000 v clipped to sqrt(5000 v), both moments reset every 500 steps, then a
+cosine ramp of the step over 150 steps.
 """
 
 import pathlib
@@ -17,7 +23,7 @@ import optax
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-from anchors import count_interventions, skip_step_on_spikes, zclip
+from anchors import adagc, count_interventions, skip_step_on_spikes, spam, update_clipping, zclip
 
 
 def zclip_reference(norms, alpha=0.97, z_threshold=2.5, warmup=25, eps=1e-6):
@@ -120,3 +126,100 @@ def test_skip_step_leaves_the_inner_state_untouched_on_a_skipped_step():
     updates, new_state = tx.update(jnp.ones(2), state, params, value=jnp.inf)
     np.testing.assert_array_equal(updates, 0.0)
     jax.tree.map(np.testing.assert_array_equal, new_state.inner, state.inner)
+
+
+def adagc_reference(norms, relative=1.05, decay=0.98, absolute=1.0, warmup=100):
+    """AdaGC in float64 for tensors with per-step norms ``norms`` (steps, tensors).
+
+    Returns the norm each tensor's gradient is rescaled to at every step.
+    """
+    gamma = np.full(norms.shape[1], np.inf)
+    out = []
+    for step, row in enumerate(norms):
+        if step < warmup:
+            clipped = row * min(1.0, absolute / np.sqrt(np.sum(row**2)))
+            gamma = np.minimum(gamma, clipped)
+        else:
+            clipped = np.minimum(row, relative * gamma)
+            gamma = decay * gamma + (1 - decay) * clipped
+        out.append(clipped)
+    return np.asarray(out)
+
+
+def test_adagc_matches_its_published_rule():
+    rng = np.random.default_rng(2)
+    norms = np.abs(1.0 + 0.2 * rng.standard_normal((300, 2))) * [0.5, 2.0]
+    norms[[50, 150, 151, 260], [0, 1, 1, 0]] *= [30.0, 10.0, 10.0, 4.0]
+    directions = {"a": jnp.array([0.6, 0.8]), "b": jnp.array([1.0, 0.0, 0.0])}
+
+    def step(state, row):
+        grads = {"a": row[0] * directions["a"], "b": row[1] * directions["b"]}
+        updates, state = adagc().update(grads, state)
+        return state, jnp.stack([optax.tree.norm(updates["a"]), optax.tree.norm(updates["b"])])
+
+    params = jax.tree.map(jnp.zeros_like, directions)
+    xs = jnp.asarray(norms, jnp.float32)
+    state, got = jax.jit(lambda s, xs: jax.lax.scan(step, s, xs))(adagc().init(params), xs)
+    want = adagc_reference(norms)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5)
+    clipped_steps = np.flatnonzero((want < norms * (1 - 1e-6))[100:].any(axis=1)) + 100
+    assert {150, 151, 260} <= set(clipped_steps.tolist())
+    assert int(state.num_clipped) == len(clipped_steps)
+    assert int(count_interventions(state)) == len(clipped_steps)
+
+
+def test_update_clipping_divides_each_tensor_step_by_the_rms_of_g2_over_v():
+    rng = np.random.default_rng(3)
+    grads = rng.standard_normal((40, 2, 3)) * [[1.0], [0.01]]
+    grads[25, 0] *= 20.0  # tensor 0 spikes: its step shrinks, tensor 1's does not
+    b1, b2, eps = 0.9, 0.95, 1e-8
+    m = v = np.zeros((2, 3))
+    want, adam = [], []
+    for t, g in enumerate(grads, start=1):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g**2
+        m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
+        rms = np.sqrt(np.mean(g**2 / np.maximum(v_hat, eps**2), axis=1, keepdims=True))
+        adam.append(m_hat / (np.sqrt(v_hat) + eps))
+        want.append(adam[-1] / np.maximum(1.0, rms))
+    tx = update_clipping(b1, b2, eps)
+    state = tx.init({"x": jnp.zeros(3), "y": jnp.zeros(3)})
+    got = []
+    for g in grads.astype(np.float32):
+        updates, state = tx.update({"x": jnp.asarray(g[0]), "y": jnp.asarray(g[1])}, state)
+        got.append(np.stack([updates["x"], updates["y"]]))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=1e-7)
+    got = np.asarray(got)
+    # At the spike, tensor 0's step is Adam's divided by an RMS well above 1; tensor 1's is Adam's.
+    assert np.all(np.abs(got[25, 0]) < 0.5 * np.abs(adam[25][0]))
+    np.testing.assert_allclose(got[25, 1], adam[25][1], rtol=2e-5)
+    assert int(state.num_clipped) >= 1
+
+
+def test_spam_clips_spikes_resets_the_moments_and_ramps_back():
+    b1, b2, eps, theta = 0.9, 0.999, 1e-8, 5000.0
+    grads = np.full((700, 2), 0.01)
+    grads[:, 1] = np.where(np.arange(700) % 2, 0.01, -0.01)
+    grads[300, 0] = 100.0  # g**2 = 1e4 >> 5000 v: clipped to sqrt(5000 v)
+    m = v = np.zeros(2)
+    want = []
+    for t, g in enumerate(grads, start=1):
+        if t - 1 > 0 and (t - 1) % 500 == 0:
+            m = v = np.zeros(2)
+        g = np.where((g**2 > theta * v) & (v > 0), np.sign(g) * np.sqrt(theta * v), g)
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g**2
+        since = (t - 1) % 500
+        ramp = 0.5 * (1 - np.cos(np.pi * (since + 1) / 150)) if t > 500 and since < 150 else 1.0
+        want.append(ramp * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps))
+    tx = spam()
+    state = tx.init(jnp.zeros(2))
+    step = jax.jit(tx.update)
+    got = []
+    for g in grads.astype(np.float32):
+        updates, state = step(jnp.asarray(g), state)
+        got.append(np.asarray(updates))
+    got, want = np.asarray(got), np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert abs(got[300, 0]) < 2.0  # without the clip, the 1e4x spike gives a step of ~3
+    assert abs(got[500, 0]) < 1e-3 * abs(got[499, 0])  # reset at step 500: the ramp starts at ~0
+    assert int(state.num_clipped) == 1
+    assert int(count_interventions(state)) == 1
