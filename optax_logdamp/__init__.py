@@ -10,6 +10,7 @@
 """
 
 from optax_logdamp._aliases import logadam as logadam
+from optax_logdamp._aliases import logadamw as logadamw
 from optax_logdamp._alrc import ALRCSignalsState as ALRCSignalsState
 from optax_logdamp._alrc import ALRCState as ALRCState
 from optax_logdamp._alrc import alrc as alrc
@@ -34,5 +35,6 @@ __all__ = [
     "dampen",
     "log_dampen",
     "logadam",
+    "logadamw",
     "to_python_numbers",
 ]
