@@ -21,6 +21,8 @@ from optax_logdamp._dampening import dampen as dampen
 from optax_logdamp._dampening import log_dampen as log_dampen
 from optax_logdamp._diagnostics import alrc_diagnostics as alrc_diagnostics
 from optax_logdamp._diagnostics import to_python_numbers as to_python_numbers
+from optax_logdamp._spike_guard import SpikeGuardState as SpikeGuardState
+from optax_logdamp._spike_guard import spike_guard as spike_guard
 
 __version__ = "0.1.0"
 
@@ -28,6 +30,7 @@ __all__ = [
     "ALRCSignalsState",
     "ALRCState",
     "LogDampenState",
+    "SpikeGuardState",
     "alrc",
     "alrc_diagnostics",
     "alrc_per_example",
@@ -36,5 +39,6 @@ __all__ = [
     "log_dampen",
     "logadam",
     "logadamw",
+    "spike_guard",
     "to_python_numbers",
 ]
