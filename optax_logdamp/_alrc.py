@@ -221,6 +221,25 @@ def _cap_statistic(rule, state, statistic, finite):
     return scale, new_state
 
 
+def cap_signals(rule: _Rule, statistics: dict, states: dict, axis_name: str | None):
+    """Caps every signal at its state's threshold: the factor, finiteness, next states.
+
+    ``statistics`` and ``states`` map signal names to the step's scalar and its
+    :class:`ALRCState`. Under ``pmap``/``shard_map`` the statistics are first averaged
+    over ``axis_name``. A step counts as finite only if every statistic is; the factor
+    applied to the updates is the smallest of the signals' factors.
+    """
+    if axis_name is not None:
+        statistics = {name: lax.pmean(x, axis_name) for name, x in statistics.items()}
+    finite = functools.reduce(jnp.logical_and, [jnp.isfinite(x) for x in statistics.values()])
+    factor = jnp.ones([], jnp.float32)
+    new_states = {}
+    for name, statistic in statistics.items():
+        scale, new_states[name] = _cap_statistic(rule, states[name], statistic, finite)
+        factor = jnp.minimum(factor, scale)
+    return factor, finite, new_states
+
+
 def _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps) -> _Rule:
     """Validates hyperparameters (values if concrete, dtypes always) and packs the rule."""
     check_positive("num_stddev", num_stddev)
@@ -476,18 +495,12 @@ def alrc(
         _check_updates(updates, params)
         statistics, states = {}, {}
         if uses_loss:
-            statistics["loss"] = _scalar_loss(value, updates, params, signal)
+            statistics["loss"] = scalar_loss(value, updates, params, signal)
             states["loss"] = state if signal == "loss" else state.loss
         if uses_norm:
             statistics["grad_norm"] = global_norm(updates)
             states["grad_norm"] = state.grad_norm
-        if axis_name is not None:
-            statistics = {name: lax.pmean(x, axis_name) for name, x in statistics.items()}
-        finite = functools.reduce(jnp.logical_and, [jnp.isfinite(x) for x in statistics.values()])
-        factor = jnp.ones([], jnp.float32)
-        for name, statistic in statistics.items():
-            scale, states[name] = _cap_statistic(rule, states[name], statistic, finite)
-            factor = jnp.minimum(factor, scale)
+        factor, finite, states = cap_signals(rule, statistics, states, axis_name)
         if signal == "loss":
             new_state = states["loss"]
         else:
@@ -499,9 +512,9 @@ def alrc(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _scalar_loss(value: Any, updates, params, signal: str) -> jax.Array:
-    """The batch loss given as ``value``, checked to be a scalar."""
-    transform = "alrc" if signal == "loss" else f'alrc(signal="{signal}")'
+def scalar_loss(value: Any, updates, params, signal: str, name: str = "alrc") -> jax.Array:
+    """The batch loss given as ``value``, checked to be a scalar (``name``: for errors)."""
+    transform = name if signal == "loss" else f'{name}(signal="{signal}")'
     refuse_inside_multi_steps(transform)  # it would see only the last micro-batch's loss
     loss = _loss_array(value, transform, updates, params)
     if loss.ndim != 0:
