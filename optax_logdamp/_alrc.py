@@ -113,7 +113,9 @@ def _saturating_add(total: jax.Array, amount: jax.Array) -> jax.Array:
     return jnp.where(total > _INT32_MAX - amount, _INT32_MAX, total + amount)
 
 
-def loss_scale(loss: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
+def loss_scale(
+    loss: jax.Array, threshold: jax.Array, exponent: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """ALRC's gradient factor for ``loss`` under ``threshold``, and whether it caps.
 
     A positive loss above the threshold is capped: its gradient is multiplied by
@@ -125,7 +127,20 @@ def loss_scale(loss: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Ar
     capped = (loss > threshold) & (loss > 0) & jnp.isfinite(loss)
     safe_loss = jnp.where(capped, loss, 1.0)
     scale = jnp.where(capped, jnp.clip(threshold / safe_loss, 0.0, 1.0), 1.0)
+    if exponent is not None:
+        scale = _power_of_factor(scale, exponent)
     return lax.stop_gradient(scale), lax.stop_gradient(capped)
+
+
+def _power_of_factor(scale: jax.Array, exponent: jax.Array) -> jax.Array:
+    """``scale ** exponent`` for a factor in ``[0, 1]`` and a float32 exponent ``>= 1``.
+
+    Stays in ``[0, 1]`` (1 stays exactly 1, 0 stays 0). A traced exponent cannot be
+    checked: below 1, or NaN, it acts as 1; exactly 1 gives ``scale`` bitwise.
+    """
+    exponent = jnp.where(exponent > 1, exponent, 1.0)  # NaN and < 1 act as 1
+    powered = jnp.clip(lax.pow(scale, exponent), 0.0, 1.0)
+    return jnp.where((exponent == 1) | (scale == 1), scale, powered)
 
 
 def _next_threshold(rule: _Rule, count, mean, var, num_steps) -> jax.Array:
@@ -201,13 +216,14 @@ def _advance(rule, state, *, finite, batch_mean, batch_var, scale, num_losses, n
     return new_state
 
 
-def _cap_statistic(rule, state, statistic, finite):
+def _cap_statistic(rule, state, statistic, finite, exponent=None):
     """Caps one scalar statistic at ``state.threshold``; returns its factor and next state.
 
     The capped value (the threshold, or the statistic below it) is what is folded, so
-    a spike does not inflate the statistics that judge the next one.
+    a spike does not inflate the statistics that judge the next one. ``exponent``
+    (``None``: 1) only raises the factor applied to the updates to that power.
     """
-    scale, capped = loss_scale(statistic, state.threshold)
+    scale, capped = loss_scale(statistic, state.threshold, exponent)
     new_state = _advance(
         rule,
         state,
@@ -221,13 +237,20 @@ def _cap_statistic(rule, state, statistic, finite):
     return scale, new_state
 
 
-def cap_signals(rule: _Rule, statistics: dict, states: dict, axis_name: str | None):
+def cap_signals(
+    rule: _Rule,
+    statistics: dict,
+    states: dict,
+    axis_name: str | None,
+    exponent: jax.Array | None = None,
+):
     """Caps every signal at its state's threshold: the factor, finiteness, next states.
 
     ``statistics`` and ``states`` map signal names to the step's scalar and its
     :class:`ALRCState`. Under ``pmap``/``shard_map`` the statistics are first averaged
     over ``axis_name``. A step counts as finite only if every statistic is; the factor
-    applied to the updates is the smallest of the signals' factors.
+    applied to the updates is the smallest of the signals' factors, each raised to
+    ``exponent`` where given (see :func:`loss_scale`).
     """
     if axis_name is not None:
         statistics = {name: lax.pmean(x, axis_name) for name, x in statistics.items()}
@@ -235,7 +258,7 @@ def cap_signals(rule: _Rule, statistics: dict, states: dict, axis_name: str | No
     factor = jnp.ones([], jnp.float32)
     new_states = {}
     for name, statistic in statistics.items():
-        scale, new_states[name] = _cap_statistic(rule, states[name], statistic, finite)
+        scale, new_states[name] = _cap_statistic(rule, states[name], statistic, finite, exponent)
         factor = jnp.minimum(factor, scale)
     return factor, finite, new_states
 
@@ -354,6 +377,7 @@ def alrc(
     mu2_init: chex.Numeric | None = None,
     warmup_steps: int = 20,
     axis_name: str | None = None,
+    exponent: chex.Numeric = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adaptive learning rate clipping: caps the loss (or the gradient norm) at mean + n std.
 
@@ -436,6 +460,10 @@ def alrc(
       mu2_init: the paper's initial second raw moment, ``> mu1_init**2``.
       warmup_steps: steps of warm-up when starting from data (ignored with inits).
       axis_name: the ``pmap``/``shard_map`` axis over which to average the signals.
+      exponent: :math:`p \ge 1`: a capped step's factor is :math:`(t / x)^p` for a
+        statistic :math:`x` above its threshold :math:`t` (1: the paper); the
+        statistics still fold in :math:`t`. :func:`alrc_per_example` and
+        :func:`cap_losses` keep :math:`p = 1`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes the
@@ -480,6 +508,7 @@ def alrc(
             f'signal="loss" only; signal={signal!r} starts its statistics from the data.'
         )
     rule = _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps)
+    power = _check_exponent(exponent)
     uses_loss = signal in ("loss", "both")
     uses_norm = signal in ("grad_norm", "both")
 
@@ -500,7 +529,7 @@ def alrc(
         if uses_norm:
             statistics["grad_norm"] = global_norm(updates)
             states["grad_norm"] = state.grad_norm
-        factor, finite, states = cap_signals(rule, statistics, states, axis_name)
+        factor, finite, states = cap_signals(rule, statistics, states, axis_name, power)
         if signal == "loss":
             new_state = states["loss"]
         else:
@@ -510,6 +539,21 @@ def alrc(
         return _zero_if_skipped(updates, finite, factor), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_exponent(exponent: chex.Numeric) -> jax.Array | None:
+    """Validates ``alrc``'s ``exponent``; ``None`` for a concrete 1 (the paper's factor)."""
+    check_scalar("exponent", exponent)
+    check_not_half_precision("exponent", exponent)
+    number = as_float(exponent)
+    if number is not None and not (1.0 <= number < float("inf")):
+        raise ValueError(
+            f"exponent must be a finite number >= 1 (1 is the paper's factor t / x; above 1 "
+            f"a capped step counts for less), got {exponent!r}."
+        )
+    if number == 1.0:
+        return None
+    return jnp.asarray(exponent, jnp.float32)
 
 
 def scalar_loss(value: Any, updates, params, signal: str, name: str = "alrc") -> jax.Array:
