@@ -8,7 +8,7 @@ import chex
 import jax.numpy as jnp
 import optax
 
-from optax_logdamp._dampening import _check_scale, log_dampen
+from optax_logdamp._dampening import Curve, _check_curve, _check_scale, log_dampen
 from optax_logdamp._validation import check_decay_rate, check_not_half_precision
 
 
@@ -22,6 +22,7 @@ def logadam(
     dampen_scale: chex.Numeric | Literal["auto"] = 1.0,
     mu_dtype: jnp.dtype | None = None,
     nesterov: bool = False,
+    dampen_curve: Curve = "log1p",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam on log-dampened gradients (the "LogAdam" optimizer).
 
@@ -59,6 +60,8 @@ def logadam(
         tensor that follows its running RMS; see :func:`log_dampen`).
       mu_dtype: dtype of the first moment (``None``: that of the parameters).
       nesterov: whether to use Nesterov momentum (NAdam).
+      dampen_curve: the dampening curve, ``"log1p"`` or ``"linlog"`` (the identity up
+        to the knee; see :func:`log_dampen`).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -84,13 +87,14 @@ def logadam(
     check_decay_rate("b1", b1)
     check_decay_rate("b2", b2)
     check_not_half_precision("eps", eps)
+    _check_curve(dampen_curve, "dampen_curve")
     if isinstance(dampen_scale, str):
         if dampen_scale != "auto":
             raise ValueError(f'dampen_scale must be a number or "auto", got {dampen_scale!r}.')
     else:
         _check_scale(dampen_scale, "dampen_scale")
     return optax.chain(
-        log_dampen(dampen_scale),
+        log_dampen(dampen_scale, curve=dampen_curve),
         optax.scale_by_adam(
             b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov
         ),
