@@ -15,6 +15,7 @@ from optax_logdamp._log1p_kernel import (
     MAX_SCALE,
     MIN_SCALE,
     dampen_magnitude,
+    linlog_magnitude,
     nearest_power_of_two,
     with_sign_of,
 )
@@ -42,12 +43,25 @@ def _check_scale(scale: chex.Numeric, name: str = "scale") -> None:
         )
 
 
+CURVES = ("log1p", "linlog")
+Curve = Literal["log1p", "linlog"]
+
+
+def _check_curve(curve: str, name: str = "curve") -> None:
+    """Refuses a dampening curve other than ``"log1p"`` (the seed's) or ``"linlog"``."""
+    if curve not in CURVES:
+        raise ValueError(
+            f'{name} must be one of {CURVES} ("log1p": s*log1p(|g|/s), the seed\'s; "linlog": '
+            f"the identity up to the knee s, s*(1 + log(|g|/s)) above), got {curve!r}."
+        )
+
+
 def _cast_scale(scale: chex.Numeric, dtype: jnp.dtype) -> jax.Array | float:
     """A Python number stays weakly typed; an array is cast to the compute dtype."""
     return scale if isinstance(scale, (int, float)) else jnp.asarray(scale, dtype)
 
 
-def dampen(g: jax.Array, scale: chex.Numeric = 1.0) -> jax.Array:
+def dampen(g: jax.Array, scale: chex.Numeric = 1.0, *, curve: Curve = "log1p") -> jax.Array:
     """Log-dampens one array: ``scale * sign(g) * log1p(|g| / scale)``.
 
     Real inputs keep their sign; complex inputs keep their phase and have their
@@ -58,6 +72,7 @@ def dampen(g: jax.Array, scale: chex.Numeric = 1.0) -> jax.Array:
       g: the array to dampen.
       scale: the knee, a number in ``[1e-20, 1e20]``; the map is close to the
         identity for ``|g| << scale`` and logarithmic above it.
+      curve: ``"log1p"`` or ``"linlog"`` (the identity up to the knee; see :func:`log_dampen`).
 
     Returns:
       The dampened array, same shape and dtype as ``g``.
@@ -70,16 +85,20 @@ def dampen(g: jax.Array, scale: chex.Numeric = 1.0) -> jax.Array:
               1.3815512e+01], dtype=float32)
     """
     _check_scale(scale)
-    return _dampen(g, scale)
+    _check_curve(curve)
+    return _dampen(g, scale, curve=curve)
 
 
-def _dampen(g: jax.Array, scale: chex.Numeric, power_of_two: bool = False) -> jax.Array:
+def _dampen(
+    g: jax.Array, scale: chex.Numeric, power_of_two: bool = False, curve: Curve = "log1p"
+) -> jax.Array:
     """:func:`dampen` without the check of ``scale``; see :func:`dampen_magnitude`."""
+    magnitude_map = _MAGNITUDE_MAPS[curve]
     g = jnp.asarray(g)
     if jnp.issubdtype(g.dtype, jnp.complexfloating):
         magnitude = jnp.abs(g)
         scale = _cast_scale(scale, magnitude.dtype)
-        damped = dampen_magnitude(magnitude, scale, power_of_two=power_of_two)
+        damped = magnitude_map(magnitude, scale, power_of_two=power_of_two)
         # g * (damped / |g|) keeps the phase; at g == 0 the factor is taken as 1.
         factor = jnp.where(magnitude > 0, damped / jnp.where(magnitude > 0, magnitude, 1), 1)
         out = g * factor.astype(g.dtype)
@@ -87,7 +106,7 @@ def _dampen(g: jax.Array, scale: chex.Numeric, power_of_two: bool = False) -> ja
         compute_dtype = jnp.float64 if g.dtype == jnp.float64 else jnp.float32
         wide = g.astype(compute_dtype)
         scale = _cast_scale(scale, compute_dtype)
-        damped = dampen_magnitude(jnp.abs(wide), scale, power_of_two=power_of_two)
+        damped = magnitude_map(jnp.abs(wide), scale, power_of_two=power_of_two)
         out = with_sign_of(damped, wide).astype(g.dtype)
     else:
         raise TypeError(
@@ -96,6 +115,9 @@ def _dampen(g: jax.Array, scale: chex.Numeric, power_of_two: bool = False) -> ja
     chex.assert_equal_shape((out, g))
     chex.assert_type(out, g.dtype)
     return out
+
+
+_MAGNITUDE_MAPS = {"log1p": dampen_magnitude, "linlog": linlog_magnitude}
 
 
 @document_fields
@@ -122,6 +144,7 @@ def log_dampen(
     *,
     auto_multiple: chex.Numeric = 3.0,
     auto_decay: chex.Numeric = 0.999,
+    curve: Curve = "log1p",
 ) -> optax.GradientTransformation:
     r"""Compresses every update element logarithmically (the "LogAdam" dampening).
 
@@ -182,6 +205,9 @@ def log_dampen(
         tensor's running RMS.
       auto_decay: with ``scale="auto"``, :math:`\beta \in (0, 1)`: the decay of the
         running mean square.
+      curve: ``"log1p"`` (the formula above) or ``"linlog"``: :math:`|g|` up to the knee
+        and :math:`s (1 + \log(|g| / s))` above it (slope 1 at the knee, so ordinary
+        updates below it pass bitwise unchanged; within 1.5 ulp of float64).
 
     Returns:
       An :class:`optax.GradientTransformation`: stateless for a numeric ``scale``;
@@ -214,17 +240,18 @@ def log_dampen(
       <https://torontoai.org/2018/03/31/a-magnetosphere-for-neural-networks/>`_,
       2018.
     """
+    _check_curve(curve)
     if isinstance(scale, str):
         if scale != "auto":
             raise ValueError(f'scale must be a number or "auto", got {scale!r}.')
-        return _log_dampen_auto(auto_multiple, auto_decay)
+        return _log_dampen_auto(auto_multiple, auto_decay, curve)
     _check_scale(scale)
 
     def update_fn(updates, state, params=None):
         if params is not None:
             chex.assert_trees_all_equal_shapes(updates, params)
         check_inexact_leaves("log_dampen", updates)
-        return jax.tree.map(lambda g: dampen(g, scale), updates), state
+        return jax.tree.map(lambda g: dampen(g, scale, curve=curve), updates), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
@@ -234,7 +261,9 @@ def _mean_square(g: jax.Array) -> jax.Array:
     return (sum_of_squares(g) / max(g.size, 1)).astype(jnp.float32)
 
 
-def _log_dampen_auto(multiple: chex.Numeric, decay: chex.Numeric) -> optax.GradientTransformation:
+def _log_dampen_auto(
+    multiple: chex.Numeric, decay: chex.Numeric, curve: Curve = "log1p"
+) -> optax.GradientTransformation:
     """``log_dampen(scale="auto")``: each tensor's knee follows its running RMS."""
     check_positive("auto_multiple", multiple)
     check_not_half_precision("auto_decay", decay)
@@ -245,7 +274,7 @@ def _log_dampen_auto(multiple: chex.Numeric, decay: chex.Numeric) -> optax.Gradi
             chex.assert_trees_all_equal_shapes(updates, params)
         check_inexact_leaves("log_dampen", updates)
         log_steps = jax.tree.map(lambda g: jnp.log(_mean_square(g)), updates)
-        return dampen_at_knees(updates, state, log_steps, multiple, decay)
+        return dampen_at_knees(updates, state, log_steps, multiple, decay, curve)
 
     return optax.GradientTransformation(init_knees, update_fn)
 
@@ -264,8 +293,9 @@ def dampen_at_knees(
     log_steps: Any,
     multiple: chex.Numeric,
     decay: chex.Numeric,
+    curve: Curve = "log1p",
 ) -> tuple[Any, LogDampenState]:
-    """Dampens each tensor at its knee, then folds the step's ``log(mean(g**2))`` in.
+    """Dampens each tensor at its knee on ``curve``, then folds the step's ``log(mean(g**2))`` in.
 
     The knee is ``multiple`` x the tensor's running geometric-mean RMS (from ``state``,
     before this step), rounded to a power of two; a tensor with no step folded in yet
@@ -280,7 +310,7 @@ def dampen_at_knees(
         return nearest_power_of_two(multiple * jnp.exp(log_rms))
 
     def dampen_leaf(g, count, log_mean_square):
-        damped = _dampen(g, knee(count, log_mean_square), power_of_two=True)
+        damped = _dampen(g, knee(count, log_mean_square), power_of_two=True, curve=curve)
         return jnp.where(count > 0, damped, g)  # no scale yet: unchanged
 
     def fold(log_step, count, log_mean_square):

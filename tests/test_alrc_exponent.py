@@ -7,6 +7,7 @@ statistics fold in the capped value ``t`` whatever ``p`` is.
 
 import functools
 
+import _multidevice_runs as mdr
 import chex
 import hypothesis
 import hypothesis.strategies as st
@@ -17,8 +18,6 @@ import optax
 import pytest
 import test_multidevice as md
 from _alrc_sequences import noisy_training_losses, run_losses
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from optax_logdamp import alrc
 from optax_logdamp._alrc import loss_scale
@@ -303,10 +302,10 @@ def test_non_finite_step_is_skipped_and_statistics_unchanged(signal, bad):
 # --------------------------------------------------------------------------- multi-device
 
 MULTI = {
-    "loss": md.Case(
+    "loss": mdr.Case(
         lambda axis: optax.chain(alrc(exponent=2.0, axis_name=axis), optax.sgd(0.01)), False
     ),
-    "both": md.Case(
+    "both": mdr.Case(
         lambda axis: optax.chain(
             alrc(signal="both", exponent=3.0, axis_name=axis), optax.sgd(0.01)
         ),
@@ -315,45 +314,10 @@ MULTI = {
 }
 
 
-@functools.cache
-def _single_device(name):
-    case = MULTI[name]
-    tx = case.make_tx(None)
-    step = jax.jit(functools.partial(md._train_step, tx=tx, per_example=False))
-    params = jax.device_put(md._init_params(), jax.devices()[0])
-    opt_state = tx.init(params)
-    for x, y in zip(*md._batches(), strict=True):
-        params, opt_state = step(params, opt_state, x, y)
-    return jax.device_get((params, opt_state))
-
-
-def _assert_matches_single_device(name, params, opt_state):
-    ref_params, ref_state = _single_device(name)
-    chex.assert_trees_all_close(jax.device_get(params), ref_params, rtol=md.RTOL, atol=md.ATOL)
-    chex.assert_trees_all_close(jax.device_get(opt_state), ref_state, rtol=md.RTOL, atol=md.ATOL)
-
-
-@pytest.mark.skipif(jax.device_count() != md.NUM_DEVICES, reason="needs 8 devices (conftest)")
+@mdr.needs_eight_devices
 @pytest.mark.parametrize("name", list(MULTI))
 def test_multi_device_agrees_with_single_device(name):
-    _, ref_state = _single_device(name)
-    clipped = [int(s.num_clipped) for _, s in md.find_alrc_states(ref_state)]
+    reference = mdr.single_device(MULTI[name])
+    clipped = [int(s.num_clipped) for s in alrc_states(reference[1])]
     assert clipped and all(n > 0 for n in clipped)  # the spike is capped: the exponent acts
-    params, opt_state = md._run_pmap(MULTI[name], md.AXIS)
-    md._assert_replicas_identical((params, opt_state))
-    _assert_matches_single_device(name, *jax.tree.map(lambda a: a[0], (params, opt_state)))
-    params, opt_state = md._run_shard_map(MULTI[name])
-    md._assert_shards_identical((params, opt_state))
-    _assert_matches_single_device(name, params, opt_state)
-    tx = MULTI[name].make_tx(None)
-    mesh = jax.make_mesh((md.NUM_DEVICES,), (md.AXIS,), axis_types=(AxisType.Auto,))
-    with jax.set_mesh(mesh):
-        params = jax.device_put(
-            md._init_params(), {k: NamedSharding(mesh, s) for k, s in md.FSDP_SPECS.items()}
-        )
-        opt_state = tx.init(params)
-        step = jax.jit(functools.partial(md._train_step, tx=tx, per_example=False, gather=True))
-        for x, y in zip(*md._batches(), strict=True):
-            x, y = jax.device_put((x, y), NamedSharding(mesh, P(md.AXIS)))
-            params, opt_state = step(params, opt_state, x, y)
-    _assert_matches_single_device(name, params, opt_state)
+    mdr.assert_agrees_on_every_layout(MULTI[name], reference)
