@@ -304,8 +304,9 @@ def linlog_magnitude(
     in :func:`dampen_magnitude`; where ``(m - s) / s`` overflows (a scale below 1 and
     a magnitude near the largest float) the log is ``log(m) - log(s)``. For float32 the
     result is within 1.5 ulp of the float64 formula for every scale in
-    ``[MIN_SCALE, MAX_SCALE]`` (measured, ``tests/test_dampening_linlog.py``); NaN and
-    ``+inf`` pass through. float64 uses XLA's ``log``.
+    ``[MIN_SCALE, MAX_SCALE]`` (measured: at most 1.31 ulp, at scale 1e-20; below 1 ulp
+    for a power of two; ``tests/test_dampening_linlog.py``); NaN and ``+inf`` pass
+    through. float64 uses XLA's ``log``.
     """
     concrete_scale = as_float(scale)
     if concrete_scale is not None:

@@ -13,6 +13,7 @@ from optax_logdamp._alrc import (
     SIGNALS,
     ALRCState,
     Signal,
+    _check_exponent,
     _check_updates,
     _init_state,
     _make_rule,
@@ -20,7 +21,13 @@ from optax_logdamp._alrc import (
     cap_signals,
     scalar_loss,
 )
-from optax_logdamp._dampening import LogDampenState, dampen_at_knees, init_knees
+from optax_logdamp._dampening import (
+    Curve,
+    LogDampenState,
+    _check_curve,
+    dampen_at_knees,
+    init_knees,
+)
 from optax_logdamp._docs import document_fields
 from optax_logdamp._numerics import norm_of_sums, sum_of_squares
 from optax_logdamp._validation import (
@@ -54,6 +61,8 @@ def spike_guard(
     num_stddev: chex.Numeric = 3.0,
     signal: Signal = "grad_norm",
     knee: chex.Numeric | None = 3.0,
+    exponent: chex.Numeric = 2.0,
+    curve: Curve = "linlog",
     decay: chex.Numeric = 0.999,
     knee_decay: chex.Numeric = 0.999,
     warmup_steps: int = 20,
@@ -61,25 +70,28 @@ def spike_guard(
 ) -> optax.GradientTransformationExtraArgs:
     r"""The recommended defence against spikes, as one transform in front of any optimizer.
 
-    ``optax.chain(spike_guard(), optax.adamw(...))`` equals
-    ``optax.chain(alrc(signal="grad_norm"), log_dampen("auto"), optax.adamw(...))``
-    (see the note below) at the cost of one reduction per tensor. First the global norm
-    :math:`G` of the updates is capped at its running mean + :math:`n` standard
-    deviations (:func:`alrc`), then each tensor :math:`T` is dampened at a knee
-    :math:`s_T` of ``knee`` times its running RMS (:func:`log_dampen` with ``"auto"``):
+    ``optax.chain(spike_guard(), optax.adamw(...))``: first the global norm :math:`G` of
+    the updates is judged against its running mean + :math:`n` standard deviations
+    :math:`t_G` (:func:`alrc` on the gradient norm), and a step above it is scaled by
+    :math:`(t_G / G)^p`, so that a step far above the threshold counts for less than a
+    threshold-sized one (``exponent`` :math:`p = 2`). Then each tensor :math:`T` is
+    dampened above a knee :math:`s_T` of ``knee`` times its running RMS
+    (:func:`log_dampen` with ``"auto"``), on the ``"linlog"`` curve: the identity below
+    the knee, logarithmic above it:
 
     .. math::
-      f = \min(1, t_G / G), \qquad
-      u \leftarrow s_T \operatorname{sign}(u) \log\left(1 + \frac{f |u|}{s_T}\right),
+      f = \min\left(1, \frac{t_G}{G}\right)^p, \qquad
+      u \leftarrow \operatorname{sign}(u)\, \phi_{s_T}(f |u|), \qquad
+      \phi_s(m) = \begin{cases} m & m \le s \\ s (1 + \log(m / s)) & m > s \end{cases}
 
-    where the knee's statistic of the capped update is taken from the raw one,
-    :math:`\log\operatorname{mean}_T((f u)^2) = 2 \log f + \log\operatorname{mean}_T(u^2)`.
-    Non-finite input zeroes the step and leaves every statistic unchanged.
-
-    Note: the ALRC statistics are those of the chain bit for bit; a tensor's log mean
-    square can differ from the chain's in its last bits on a capped step (the chain
-    squares the rounded capped updates), so the knee, a power of two, is the chain's
-    except within a few ulp of a rounding boundary.
+    The knee's statistic of the capped update comes from the raw one,
+    :math:`\log\operatorname{mean}_T((f u)^2) = 2 \log f + \log\operatorname{mean}_T(u^2)`,
+    so one sum of squares per tensor serves both. Non-finite input zeroes the step and
+    leaves every statistic unchanged. ``exponent=1, curve="log1p"`` is
+    ``optax.chain(alrc(signal="grad_norm"), log_dampen("auto"))`` (ALRC's statistics bit
+    for bit; the knees' log mean squares within a few ulp, since the chain squares the
+    rounded capped updates). Why these defaults, with the numbers: the guide's
+    "Choosing a defence" page.
 
     Args:
       num_stddev: :math:`n > 0`, how many standard deviations above the mean to cap.
@@ -87,6 +99,10 @@ def spike_guard(
         ``"both"`` (need the loss as ``value``; see :func:`alrc`).
       knee: the knee in units of each tensor's running RMS, ``> 0``; ``None``: no
         dampening (ALRC alone).
+      exponent: :math:`p \ge 1`, how fast the factor of a step above the threshold
+        falls (1: the paper's cap at the threshold).
+      curve: ``"linlog"`` (the identity below the knee) or ``"log1p"`` (the seed's
+        :math:`s \log(1 + m / s)`, which bends every element).
       decay: :math:`\beta \in (0, 1)` of ALRC's moving averages.
       knee_decay: :math:`\in (0, 1)`, the decay of each tensor's running mean square.
       warmup_steps: ALRC's warm-up, an integer ``>= 0``.
@@ -106,8 +122,8 @@ def spike_guard(
       >>> for _ in range(10):
       ...   _, state = tx.update({"w": jnp.full(3, 1e-3)}, state, params)
       >>> updates, state = tx.update({"w": jnp.array([1e-3, -3e-3, 1.0])}, state, params)
-      >>> updates["w"]  # norm capped at 4x its mean (warm-up), then knee 2**-8
-      Array([-6.9220328e-06,  2.0729407e-05, -3.9849617e-03], dtype=float32)
+      >>> updates["w"]  # norm 144x its threshold (4x its mean in warm-up): factor 144**-2
+      Array([-4.7999531e-08,  1.4399859e-07, -4.7999529e-05], dtype=float32)
       >>> optax.tree.get(state, "num_clipped")
       Array(1, dtype=int32)
 
@@ -122,6 +138,8 @@ def spike_guard(
     if axis_name is not None and not isinstance(axis_name, str):
         raise TypeError(f"axis_name must be a string or None, got {axis_name!r}.")
     rule = _make_rule(num_stddev, decay, None, None, warmup_steps)
+    power = _check_exponent(exponent)
+    _check_curve(curve)
     if knee is not None:
         check_positive("knee", knee)
         check_not_half_precision("knee_decay", knee_decay)
@@ -149,7 +167,7 @@ def spike_guard(
         if uses_norm:
             statistics["grad_norm"] = norm_of_sums(sums)
             states["grad_norm"] = state.grad_norm
-        factor, finite, states = cap_signals(rule, statistics, states, axis_name)
+        factor, finite, states = cap_signals(rule, statistics, states, axis_name, power)
         capped = _zero_if_skipped(updates, finite, factor)
         knee_state: Any = state.knee
         if knee is not None:
@@ -159,7 +177,9 @@ def spike_guard(
                     for s, g in zip(sums, leaves, strict=True)
                 ]
             )
-            capped, knee_state = dampen_at_knees(capped, state.knee, log_steps, knee, knee_decay)
+            capped, knee_state = dampen_at_knees(
+                capped, state.knee, log_steps, knee, knee_decay, curve
+            )
         new_state = SpikeGuardState(
             loss=states.get("loss", optax.EmptyState()),
             grad_norm=states.get("grad_norm", optax.EmptyState()),

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from optax_logdamp import alrc, dampen, log_dampen, logadam
+from optax_logdamp import alrc, dampen, log_dampen, logadam, logadamw
 from optax_logdamp._dampening import _dampen
 from optax_logdamp._log1p_kernel import dampen_magnitude, nearest_power_of_two, with_sign_of
 
@@ -265,6 +265,8 @@ def test_bad_curve_is_refused(curve):
         dampen(jnp.ones(2), curve=curve)
     with pytest.raises(ValueError, match="dampen_curve"):
         logadam(0.1, dampen_curve=curve)
+    with pytest.raises(ValueError, match="dampen_curve"):
+        logadamw(0.1, dampen_curve=curve)
 
 
 def test_transform_keeps_structure_dtypes_and_empty_state():
@@ -347,6 +349,11 @@ def test_logadam_passes_the_curve_through(scale):
         run(logadam(0.1, dampen_scale=scale, dampen_curve="log1p")),
     )
     assert not np.array_equal(np.asarray(default["w"]), np.asarray(fused["w"]))
+    fused_w = run(logadamw(0.1, weight_decay=0.1, dampen_scale=scale, dampen_curve="linlog"))
+    chained_w = run(
+        optax.chain(log_dampen(scale, curve="linlog"), optax.adamw(0.1, weight_decay=0.1))
+    )
+    jax.tree.map(np.testing.assert_array_equal, fused_w, chained_w)
 
 
 MULTI = {

@@ -58,8 +58,15 @@ def run_sequence(tx, grads, value=None):
     return jax.device_get(updates), jax.device_get(state)
 
 
+TODAY = dict(exponent=1.0, curve="log1p")  # the chain the README recommended before
+
+
 def chain_of_today():
     return optax.chain(alrc(signal="grad_norm"), log_dampen("auto"))
+
+
+def chain_of_defaults():
+    return optax.chain(alrc(signal="grad_norm", exponent=2.0), log_dampen("auto", curve="linlog"))
 
 
 def test_equals_the_recommended_chain_over_a_long_sequence():
@@ -72,7 +79,7 @@ def test_equals_the_recommended_chain_over_a_long_sequence():
     bit unless a knee lands within those ulp of a rounding boundary (not in this run).
     """
     grads = gradient_sequence()
-    got_updates, got = run_sequence(spike_guard(), grads)
+    got_updates, got = run_sequence(spike_guard(**TODAY), grads)
     want_updates, (want_alrc, want_knee) = run_sequence(chain_of_today(), grads)
     assert isinstance(got, SpikeGuardState)
     assert isinstance(got.loss, optax.EmptyState)
@@ -95,14 +102,32 @@ def test_equals_the_recommended_chain_over_a_long_sequence():
     for name in SHAPES:
         assert np.all(got_updates[name][NONFINITE_STEP] == 0)
     # Not a no-op: the knees compress the spikes beyond what ALRC does alone.
-    alrc_only, _ = run_sequence(spike_guard(knee=None), grads)
+    alrc_only, _ = run_sequence(spike_guard(knee=None, **TODAY), grads)
     assert not np.array_equal(alrc_only["w"], got_updates["w"])
+
+
+def test_defaults_equal_the_chain_of_their_rules():
+    """The defaults, exponent 2 and the linlog curve, are the chain of those two rules."""
+    grads = gradient_sequence(seed=6)
+    got_updates, got = run_sequence(spike_guard(), grads)
+    want_updates, (want_alrc, want_knee) = run_sequence(chain_of_defaults(), grads)
+    jax.tree.map(np.testing.assert_array_equal, got.grad_norm, want_alrc.grad_norm)
+    assert int(got.grad_norm.num_clipped) >= 10
+    for name in SHAPES:
+        np.testing.assert_array_equal(got.knee.count[name], want_knee.count[name], err_msg=name)
+        np.testing.assert_array_max_ulp(
+            got.knee.log_mean_square[name], want_knee.log_mean_square[name], maxulp=8
+        )
+        np.testing.assert_array_max_ulp(got_updates[name], want_updates[name], maxulp=2)
+    # Both rules act: today's chain gives other updates on the capped steps.
+    today, _ = run_sequence(spike_guard(**TODAY), grads)
+    assert not np.array_equal(today["w"], got_updates["w"])
 
 
 def test_knee_none_is_alrc_alone_bitwise():
     grads = gradient_sequence(seed=1)
     got_updates, got = run_sequence(spike_guard(knee=None), grads)
-    want_updates, want = run_sequence(alrc(signal="grad_norm"), grads)
+    want_updates, want = run_sequence(alrc(signal="grad_norm", exponent=2.0), grads)
     assert isinstance(got.knee, optax.EmptyState)
     jax.tree.map(np.testing.assert_array_equal, got_updates, want_updates)
     jax.tree.map(np.testing.assert_array_equal, got.grad_norm, want.grad_norm)
@@ -126,7 +151,7 @@ def test_loss_signals_equal_the_chain(signal):
         scan = jax.jit(lambda s, xs: jax.lax.scan(step, s, xs))
         return jax.device_get(scan(tx.init(params), (grads, losses)))
 
-    got, updates = run(spike_guard(signal=signal))
+    got, updates = run(spike_guard(signal=signal, **TODAY))
     (want_alrc, want_knee), want_updates = run(optax.chain(alrc(signal=signal), log_dampen("auto")))
     want_loss = want_alrc if signal == "loss" else want_alrc.loss
     jax.tree.map(np.testing.assert_array_equal, got.loss, want_loss)
@@ -219,7 +244,7 @@ def test_inside_multi_steps_equals_the_chain_inside():
         return optax.MultiSteps(optax.chain(front, optax.adam(1e-2)), every_k_schedule=3)
 
     got, got_state, _ = train(make(spike_guard()))
-    want, _, _ = train(make(chain_of_today()))
+    want, _, _ = train(make(chain_of_defaults()))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
     assert int(optax.tree.get(got_state, "num_steps")) == 10  # once per window
 
