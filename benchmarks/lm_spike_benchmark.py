@@ -316,19 +316,20 @@ RATES = ("clean", "lr x3", "lr x10", "lr x30")  # "clean" is the rate x1
 ALL = (*CORE, *UNITS, *RATES[1:])
 
 # What each run covers: (contender, scenarios). The recipe and the recommended defence
-# run every scenario; the anchors the bad batches and the units that a fixed threshold
-# cannot follow; the other defences the bad batches.
+# run every scenario; the anchors and the former recommended chain the clean and the
+# bad-batch scenarios; the recipe without its clip and spike_guard replacing it the bad
+# batches. The standard --full plan is 198 runs of 1500 steps, about 90 minutes on 2 CPU
+# cores; the units and the rates of the anchors are left out to fit (add them with
+# --contenders).
 ANCHORS = ("zclip", "adagc", "skip-step", "update clipping", "spam")
 PLANS: dict[str, dict[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {
     "standard": {
         "full": (
             ("base", ALL),
             ("spike_guard", ALL),
-            *((name, (*CORE, "loss x10", "loss x10, repeated_byte")) for name in ANCHORS),
+            *((name, CORE) for name in ANCHORS),
             ("base (no clip)", BAD),
             ("alrc(grad_norm) + log_dampen(auto)", CORE),
-            ("alrc(grad_norm)", BAD),
-            ("log_dampen(auto)", BAD),
             ("spike_guard (no clip)", BAD),
         ),
         "quick": (
@@ -1247,6 +1248,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="comma-separated registry names to run (default: the plan of the recipe); "
         "each runs the scenarios the plan gives it, or every core scenario",
     )
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=list(SCENARIOS),
+        default=None,
+        metavar="SCENARIO",
+        help="run only these scenarios of each contender's plan (the recipe always runs clean)",
+    )
     parser.add_argument("--no-cache", action="store_true", help="do not keep or reuse results")
     args = parser.parse_args(argv)
     steps = args.steps or (FULL_STEPS if args.full else QUICK_STEPS)
@@ -1257,6 +1266,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         given = dict(plan)
         wanted = ["base", *(n for n in args.contenders.split(",") if n != "base")]
         plan = tuple((contender(n).name, given.get(n, CORE)) for n in wanted)
+    if args.scenarios:
+        keep = lambda name, s: s in args.scenarios or (name, s) == ("base", "clean")  # noqa: E731
+        plan = tuple((n, tuple(s for s in ss if keep(n, s))) for n, ss in plan)
     command = " ".join(["python benchmarks/lm_spike_benchmark.py", *(argv or sys.argv[1:])])
     run_benchmark(
         args.recipe,
