@@ -1168,7 +1168,7 @@ def format_report(
             "",
             rates_table(results, names, loss_at_init, recipe),
             "",
-            f"![Final loss against the peak rate](lm_{recipe.name}_lr.png)",
+            f"The figure `lm_{recipe.name}_lr.png` plots these losses against the rate.",
         ]
     sections += [
         "",
@@ -1219,8 +1219,6 @@ def format_report(
         f"Command: `{command}`  ",
         f"Machine: {machine_line()}  ",
         f"Wall time: {elapsed:.0f} s (training and compilation; cached contenders cost none)",
-        "",
-        f"![Held-out loss over training](lm_{recipe.name}.png)",
         "",
     ]
     return "\n".join(sections)
