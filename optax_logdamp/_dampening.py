@@ -24,7 +24,10 @@ from optax_logdamp._validation import (
     check_inexact_leaves,
     check_not_half_precision,
     check_open_unit_interval,
+    check_params_match,
     check_positive,
+    check_state_type,
+    check_trees_match,
 )
 
 
@@ -221,8 +224,7 @@ def log_dampen(
     _check_scale(scale)
 
     def update_fn(updates, state, params=None):
-        if params is not None:
-            chex.assert_trees_all_equal_shapes(updates, params)
+        check_params_match("log_dampen", updates, params)
         check_inexact_leaves("log_dampen", updates)
         return jax.tree.map(lambda g: dampen(g, scale), updates), state
 
@@ -232,6 +234,9 @@ def log_dampen(
 def _mean_square(g: jax.Array) -> jax.Array:
     """The mean of ``|g|**2``, as float32 (ALRC's per-tensor sum of squares, averaged)."""
     return (sum_of_squares(g) / max(g.size, 1)).astype(jnp.float32)
+
+
+_AUTO = 'log_dampen("auto")'
 
 
 def _log_dampen_auto(multiple: chex.Numeric, decay: chex.Numeric) -> optax.GradientTransformation:
@@ -253,8 +258,18 @@ def _log_dampen_auto(multiple: chex.Numeric, decay: chex.Numeric) -> optax.Gradi
         return nearest_power_of_two(multiple * jnp.exp(log_rms))
 
     def update_fn(updates, state, params=None):
-        if params is not None:
-            chex.assert_trees_all_equal_shapes(updates, params)
+        check_params_match(_AUTO, updates, params)
+        check_state_type(_AUTO, state, LogDampenState)
+        check_trees_match(
+            _AUTO,
+            "updates",
+            updates,
+            "state.count",
+            state.count,
+            problem="the state was initialised for a tree of another structure",
+            fix="init with the tree the updates have (tx.init(params), params the trainable "
+            "leaves only)",
+        )
         check_inexact_leaves("log_dampen", updates)
 
         def dampen_leaf(g, count, log_mean_square):
