@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_logdamp._alrc import ALRCState, find_alrc_states, signal_of
+from optax_logdamp._validation import is_concrete
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
@@ -77,8 +78,8 @@ def alrc_diagnostics(opt_state: Any) -> dict[str, jax.Array]:
     Returns:
       A flat ``dict`` from names to scalar arrays.
 
-    Raises:
-      ValueError: if the tree holds no :class:`~optax_logdamp.ALRCState`.
+    An optimizer without ALRC gives an empty dict, so that a run whose defence is
+    switched off by its configuration logs the same way (nothing) without a ``try``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -93,11 +94,6 @@ def alrc_diagnostics(opt_state: Any) -> dict[str, jax.Array]:
        'std': 0.0, 'num_steps': 1, 'num_nonfinite': 0}
     """
     found = find_alrc_states(opt_state)
-    if not found:
-        raise ValueError(
-            "alrc_diagnostics found no ALRCState in the optimizer state: build the optimizer "
-            "with alrc() or alrc_per_example(), e.g. optax.chain(alrc(), logadam(1e-3))."
-        )
     prefixes = ["" if signal_of(path) == "loss" else f"{signal_of(path)}/" for path, _ in found]
     if len(set(prefixes)) < len(prefixes):
         prefixes = [f"{_path_name(path)}/" for path, _ in found]
@@ -131,6 +127,13 @@ def to_python_numbers(diagnostics: dict[str, Any]) -> dict[str, int | float]:
     """
     numbers: dict[str, int | float] = {}
     for name, value in diagnostics.items():
+        if not is_concrete(value):
+            raise TypeError(
+                f"to_python_numbers: {name!r} is a traced value: this runs inside jax.jit (or "
+                "another JAX transformation), where values are not known yet. Call it outside "
+                "jit, on the returned state: return opt_state (or alrc_diagnostics(opt_state)) "
+                "from the jitted step, then to_python_numbers(alrc_diagnostics(opt_state))."
+            )
         array = np.asarray(value)
         if array.ndim != 0:
             raise ValueError(f"to_python_numbers: {name!r} is not a scalar (shape {array.shape}).")
