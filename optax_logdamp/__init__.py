@@ -10,6 +10,7 @@
 """
 
 from optax_logdamp._aliases import logadam as logadam
+from optax_logdamp._alrc import ALRCPerExampleState as ALRCPerExampleState
 from optax_logdamp._alrc import ALRCSignalsState as ALRCSignalsState
 from optax_logdamp._alrc import ALRCState as ALRCState
 from optax_logdamp._alrc import alrc as alrc
@@ -24,6 +25,7 @@ from optax_logdamp._diagnostics import to_python_numbers as to_python_numbers
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALRCPerExampleState",
     "ALRCSignalsState",
     "ALRCState",
     "LogDampenState",

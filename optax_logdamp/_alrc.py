@@ -21,6 +21,7 @@ from typing import Any, Literal, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -30,9 +31,11 @@ from optax_logdamp._validation import (
     as_float,
     check_not_half_precision,
     check_open_unit_interval,
+    check_params_match,
     check_positive,
     check_scalar,
-    missing_value_error,
+    check_state_type,
+    loss_array,
     refuse_inside_multi_steps,
 )
 
@@ -74,6 +77,18 @@ class ALRCState(NamedTuple):
     num_losses: jax.Array  #: shape=(), int32: losses seen in those steps (examples if per-example)
     num_clipped: jax.Array  #: shape=(), int32: losses capped (examples if per-example)
     num_nonfinite: jax.Array  #: shape=(), int32: steps skipped for a non-finite loss
+
+
+class ALRCPerExampleState(ALRCState):
+    """State of :func:`alrc_per_example`: an :class:`ALRCState` of individual losses.
+
+    The same fields, in the same order (so the same checkpoints), counted per example.
+    Its own type is what tells :func:`cap_losses` that the statistics are of
+    individual losses, from the first step on, where the state of batch :func:`alrc`
+    holds statistics of batch losses and must not cap examples.
+    """
+
+    __slots__ = ()
 
 
 @document_fields
@@ -181,7 +196,7 @@ def _advance(rule, state, *, finite, batch_mean, batch_var, scale, num_losses, n
     """The next state; a step with a non-finite loss only counts itself as skipped."""
     count, mean, var = _fold(rule, state, batch_mean, batch_var)
     num_steps = jnp.asarray(optax.safe_increment(state.num_steps))
-    advanced = ALRCState(
+    advanced = type(state)(  # an ALRCState, or an ALRCPerExampleState
         count=count,
         mean=mean,
         var=var,
@@ -258,7 +273,7 @@ def _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps) -> _Rule:
     )
 
 
-def _init_state(rule: _Rule, mu1_init, mu2_init) -> ALRCState:
+def _init_state(rule: _Rule, mu1_init, mu2_init, state_type: type[ALRCState] = ALRCState):
     zero_int = jnp.zeros([], jnp.int32)
     if rule.from_data:
         mean = jnp.zeros([], jnp.float32)
@@ -272,7 +287,7 @@ def _init_state(rule: _Rule, mu1_init, mu2_init) -> ALRCState:
         else:
             mean = jnp.asarray(mu1_init, jnp.float32)
             var = jnp.asarray(mu2_init, jnp.float32) - jnp.square(mean)
-    return ALRCState(
+    return state_type(
         count=zero_int,
         mean=mean,
         var=var,
@@ -284,36 +299,6 @@ def _init_state(rule: _Rule, mu1_init, mu2_init) -> ALRCState:
         num_clipped=jnp.zeros([], jnp.int32),
         num_nonfinite=jnp.zeros([], jnp.int32),
     )
-
-
-def _init_fn(rule: _Rule, mu1_init, mu2_init):
-    """The ``init`` of both transforms: the state does not depend on the params."""
-
-    def init_fn(params):
-        del params
-        return _init_state(rule, mu1_init, mu2_init)
-
-    return init_fn
-
-
-def _check_updates(updates, params) -> None:
-    """At trace time: ``updates`` has the structure and shapes of ``params`` (if given).
-
-    A mismatch would silently mis-scale updates.
-    """
-    if params is not None:
-        chex.assert_trees_all_equal_shapes(updates, params)
-
-
-def _loss_array(value: Any, transform: str, updates, params) -> jax.Array:
-    """The ``value`` extra argument as a float32 array, with a clear error if absent."""
-    _check_updates(updates, params)
-    if value is None:
-        raise missing_value_error(transform)
-    loss = jnp.asarray(value)
-    if not (jnp.issubdtype(loss.dtype, jnp.floating) or jnp.issubdtype(loss.dtype, jnp.integer)):
-        raise TypeError(f"{transform}: value must be a real loss, got dtype {loss.dtype}.")
-    return loss.astype(jnp.float32)
 
 
 def _zero_if_skipped(updates, finite, scale=None):
@@ -471,12 +456,15 @@ def alrc(
         loss_state = _init_state(rule, None, None) if uses_loss else optax.EmptyState()
         return ALRCSignalsState(loss=loss_state, grad_norm=_init_state(rule, None, None))
 
+    transform = "alrc" if signal == "loss" else f'alrc(signal="{signal}")'
+
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         del extra_args
-        _check_updates(updates, params)
+        check_params_match(transform, updates, params)
+        _check_state(transform, state, signal)
         statistics, states = {}, {}
         if uses_loss:
-            statistics["loss"] = _scalar_loss(value, updates, params, signal)
+            statistics["loss"] = _scalar_loss(transform, value)
             states["loss"] = state if signal == "loss" else state.loss
         if uses_norm:
             statistics["grad_norm"] = global_norm(updates)
@@ -499,11 +487,28 @@ def alrc(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _scalar_loss(value: Any, updates, params, signal: str) -> jax.Array:
-    """The batch loss given as ``value``, checked to be a scalar."""
-    transform = "alrc" if signal == "loss" else f'alrc(signal="{signal}")'
+def _check_state(transform: str, state: Any, signal: str) -> None:
+    """Refuses a state that ``alrc(signal=signal)``'s init did not make, naming the fix."""
+    if signal == "loss":
+        check_state_type(transform, state, ALRCState)
+        return
+    check_state_type(transform, state, ALRCSignalsState)
+    loss_type = ALRCState if signal == "both" else optax.EmptyState
+    for field, expected in (("loss", loss_type), ("grad_norm", ALRCState)):
+        node = getattr(state, field)
+        if type(node) is not expected:
+            other = "grad_norm" if signal == "both" else "both"
+            raise TypeError(
+                f"{transform}: state.{field} must be an {expected.__name__}, got "
+                f'{type(node).__name__}: this is the state of alrc(signal="{other}"). Create '
+                "the state with this transform's init: opt_state = tx.init(params)."
+            )
+
+
+def _scalar_loss(transform: str, value: Any) -> jax.Array:
+    """The batch loss given as ``value``, checked to be a real scalar, as float32."""
     refuse_inside_multi_steps(transform)  # it would see only the last micro-batch's loss
-    loss = _loss_array(value, transform, updates, params)
+    loss = loss_array(transform, value).astype(jnp.float32)
     if loss.ndim != 0:
         raise ValueError(
             f"{transform} expects value to be the scalar loss of the batch, got shape "
@@ -577,9 +582,22 @@ def alrc_per_example(
     """
     rule = _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps)
 
+    def init_fn(params):
+        del params
+        return _init_state(rule, mu1_init, mu2_init, ALRCPerExampleState)
+
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         del extra_args
-        losses = _loss_array(value, "alrc_per_example", updates, params)
+        check_params_match("alrc_per_example", updates, params)
+        check_state_type("alrc_per_example", state, ALRCPerExampleState)
+        losses = loss_array("alrc_per_example", value).astype(jnp.float32)
+        if losses.ndim == 0:
+            raise ValueError(
+                "alrc_per_example expects value to be the per-example losses, shape (batch,) "
+                "or (batch, ...), got a scalar. Return them from the loss function before the "
+                "mean (as has_aux) and pass value=losses; for the scalar loss of the batch, "
+                "use alrc()."
+            )
         if losses.size == 0:
             raise ValueError("alrc_per_example: value holds no losses (size 0).")
         scale, capped = loss_scale(losses, state.threshold)
@@ -609,7 +627,7 @@ def alrc_per_example(
         )
         return _zero_if_skipped(updates, finite), new_state
 
-    return optax.GradientTransformationExtraArgs(_init_fn(rule, mu1_init, mu2_init), update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def find_alrc_states(tree: Any) -> list[tuple[tuple[Any, ...], ALRCState]]:
@@ -639,27 +657,46 @@ def cap_losses(losses: jax.Array, state: Any) -> jax.Array:
 
     Args:
       losses: per-example (or per-token) losses, any shape.
-      state: the optimizer state holding exactly one :class:`ALRCState` of the loss
-        (found anywhere inside: chain, ``inject_hyperparams``, ``MultiSteps``; the
-        statistics of a gradient norm are not counted), that state itself, or the
-        threshold as an array.
+      state: an optimizer state holding exactly one :class:`ALRCPerExampleState`
+        (found anywhere inside: chain, ``inject_hyperparams``, ``MultiSteps``; the states
+        of batch :func:`alrc` are not counted, and a tree with only those is refused),
+        that state itself, or the threshold as an array.
 
     Returns:
       The capped losses, same shape and dtype as ``losses``.
     """
-    if isinstance(state, (jax.Array, float, int)):
+    if isinstance(state, (jax.Array, np.ndarray, np.number, float, int)):
         threshold = jnp.asarray(state, jnp.float32)
     else:
-        found = [
-            (path, node) for path, node in find_alrc_states(state) if signal_of(path) == "loss"
-        ]
-        if len(found) != 1:
-            raise ValueError(
-                "cap_losses needs exactly one ALRCState of the loss in the optimizer state (from "
-                f"alrc_per_example()), found {len(found)}. Pass the threshold explicitly: "
-                "cap_losses(losses, threshold)."
-            )
-        threshold = found[0][1].threshold
+        threshold = _per_example_state(state).threshold
     losses = jnp.asarray(losses)
     scale, _ = loss_scale(losses.astype(jnp.float32), threshold)
     return losses * scale.astype(losses.dtype)
+
+
+def _per_example_state(tree: Any) -> ALRCPerExampleState:
+    """The one :class:`ALRCPerExampleState` in ``tree``, or an error that says what to build."""
+    found = find_alrc_states(tree)
+    per_example = [node for _, node in found if isinstance(node, ALRCPerExampleState)]
+    if len(per_example) == 1:
+        return per_example[0]
+    explicit = "To cap at a threshold of your own, pass it: cap_losses(losses, threshold)."
+    if len(per_example) > 1:
+        raise ValueError(
+            "cap_losses needs exactly one ALRCPerExampleState (the state of "
+            f"alrc_per_example()) in the optimizer state, found {len(per_example)}. "
+            "Pass the one to use (e.g. opt_state[0]), or its threshold. " + explicit
+        )
+    if found:
+        raise ValueError(
+            "cap_losses needs the state of alrc_per_example() (an ALRCPerExampleState, "
+            "statistics of individual losses); this optimizer state holds only the state of "
+            "batch alrc(), whose statistics are of batch losses and which scales the whole "
+            "step in update. Build the optimizer with alrc_per_example() to cap each example "
+            "(optax.chain(alrc_per_example(), optax.adam(lr))), or keep alrc() and do not "
+            "call cap_losses. " + explicit
+        )
+    raise ValueError(
+        "cap_losses found no ALRCPerExampleState in the optimizer state: build the optimizer "
+        "with alrc_per_example(), e.g. optax.chain(alrc_per_example(), optax.adam(lr)). " + explicit
+    )
