@@ -7,10 +7,11 @@ receives the loss as ``value`` and scales the updates. Per-example ALRC (the pap
 own form for batches) caps each example inside the loss with :func:`cap_losses` and
 then folds the capped losses into the same statistics in ``update``.
 
-One statistics engine serves every signal: :func:`_cap_statistic` caps a scalar at the
-threshold held in an :class:`ALRCState` and :func:`_advance` folds the capped value into
-that state. The loss (``signal="loss"``, the paper) and the global norm of the
-gradient (``signal="grad_norm"``) are only two ways of feeding it a scalar.
+One statistics engine serves every signal and both forms: :func:`_cap_and_fold` caps
+values at the threshold held in an :class:`ALRCState` and :func:`_advance` folds the
+capped values into that state. The loss (``signal="loss"``, the paper) and the global
+norm of the gradient (``signal="grad_norm"``) are two ways of feeding it one scalar;
+:func:`alrc_per_example` feeds it the batch of per-example losses.
 """
 
 from __future__ import annotations
@@ -216,24 +217,49 @@ def _advance(rule, state, *, finite, batch_mean, batch_var, scale, num_losses, n
     return new_state
 
 
-def _cap_statistic(rule, state, statistic, finite):
-    """Caps one scalar statistic at ``state.threshold``; returns its factor and next state.
+def _cap_and_fold(rule, state, values, *, finite=None, axis_name=None):
+    """Caps ``values`` at ``state.threshold`` and folds the capped values into the state.
 
-    The capped value (the threshold, or the statistic below it) is what is folded, so
-    a spike does not inflate the statistics that judge the next one.
+    ``values`` is one statistic (a scalar, :func:`alrc`) or one loss per example (any
+    shape, :func:`alrc_per_example`). A value above the threshold is capped to it, with
+    gradient factor ``threshold / value``; the mean and variance of the capped values are
+    what is folded, so a spike does not inflate the statistics that judge the next one.
+    With ``axis_name`` the values are shards of one batch split over that axis, and the
+    exact global mean and variance (of equal-sized shards) are folded. The step is taken
+    where ``finite`` (default: where the folded mean and variance are finite).
+
+    Returns the mean gradient factor, ``finite``, and the next state.
     """
-    scale, capped = loss_scale(statistic, state.threshold)
+    scale, capped = loss_scale(values, state.threshold)
+    capped_values = jnp.where(capped, state.threshold, values)
+    if values.ndim == 0:  # one value: its own mean, no spread (a literal 0 for XLA to fold)
+        batch_mean, batch_var = capped_values, jnp.zeros([], jnp.float32)
+    else:
+        batch_mean = jnp.mean(capped_values)
+        batch_var = jnp.mean(jnp.square(capped_values - batch_mean))
+    mean_scale = jnp.mean(scale)
+    num_clipped = jnp.sum(capped, dtype=jnp.int32)
+    num_values = jnp.asarray(values.size, jnp.int32)
+    if axis_name is not None:
+        global_mean = lax.pmean(batch_mean, axis_name)
+        batch_var = lax.pmean(batch_var + jnp.square(batch_mean - global_mean), axis_name)
+        batch_mean = global_mean
+        mean_scale = lax.pmean(mean_scale, axis_name)
+        num_clipped = lax.psum(num_clipped, axis_name)
+        num_values = lax.psum(num_values, axis_name)
+    if finite is None:
+        finite = jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
     new_state = _advance(
         rule,
         state,
         finite=finite,
-        batch_mean=jnp.where(capped, state.threshold, statistic),
-        batch_var=jnp.zeros([], jnp.float32),
-        scale=scale,
-        num_losses=1,
-        num_clipped=capped.astype(jnp.int32),
+        batch_mean=batch_mean,
+        batch_var=batch_var,
+        scale=mean_scale,
+        num_losses=num_values,
+        num_clipped=num_clipped,
     )
-    return scale, new_state
+    return mean_scale, finite, new_state
 
 
 def _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps) -> _Rule:
@@ -474,7 +500,7 @@ def alrc(
         finite = functools.reduce(jnp.logical_and, [jnp.isfinite(x) for x in statistics.values()])
         factor = jnp.ones([], jnp.float32)
         for name, statistic in statistics.items():
-            scale, states[name] = _cap_statistic(rule, states[name], statistic, finite)
+            scale, _, states[name] = _cap_and_fold(rule, states[name], statistic, finite=finite)
             factor = jnp.minimum(factor, scale)
         if signal == "loss":
             new_state = states["loss"]
@@ -600,31 +626,7 @@ def alrc_per_example(
             )
         if losses.size == 0:
             raise ValueError("alrc_per_example: value holds no losses (size 0).")
-        scale, capped = loss_scale(losses, state.threshold)
-        capped_losses = jnp.where(capped, state.threshold, losses)
-        batch_mean = jnp.mean(capped_losses)
-        batch_var = jnp.mean(jnp.square(capped_losses - batch_mean))
-        mean_scale = jnp.mean(scale)
-        num_clipped = jnp.sum(capped, dtype=jnp.int32)
-        num_losses = jnp.asarray(losses.size, jnp.int32)
-        if axis_name is not None:  # exact global mean and variance of equal-sized shards
-            global_mean = lax.pmean(batch_mean, axis_name)
-            batch_var = lax.pmean(batch_var + jnp.square(batch_mean - global_mean), axis_name)
-            batch_mean = global_mean
-            mean_scale = lax.pmean(mean_scale, axis_name)
-            num_clipped = lax.psum(num_clipped, axis_name)
-            num_losses = lax.psum(num_losses, axis_name)
-        finite = jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
-        new_state = _advance(
-            rule,
-            state,
-            finite=finite,
-            batch_mean=batch_mean,
-            batch_var=batch_var,
-            scale=mean_scale,
-            num_losses=num_losses,
-            num_clipped=num_clipped,
-        )
+        _, finite, new_state = _cap_and_fold(rule, state, losses, axis_name=axis_name)
         return _zero_if_skipped(updates, finite), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
