@@ -46,8 +46,9 @@ _INT32_MAX = jnp.iinfo(jnp.int32).max
 
 @document_fields
 class ALRCState(NamedTuple):
-    """State of :func:`alrc` and :func:`alrc_per_example`: loss statistics, diagnostics.
+    """State of :func:`alrc`: statistics of the loss (or gradient norm), diagnostics.
 
+    :func:`alrc_per_example` keeps the same fields in an :class:`ALRCPerExampleState`.
     Every field is a scalar array; the state is the same size whatever the model.
     Counters saturate at the int32 maximum instead of wrapping around.
 
@@ -67,17 +68,18 @@ class ALRCState(NamedTuple):
       num_nonfinite: int32: steps skipped because the loss was not finite.
     """
 
+    # Each field is documented once, under Attributes: above; @document_fields makes that
+    # entry the field's docstring (what help() and the API reference show).
     # `count` is the SPEC's name (as in optax's states); as a field it shadows tuple.count.
-    #: shape=(), int32: steps folded into mean/var since they (re)started
     count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
-    mean: jax.Array  #: shape=(), float32: running mean of the capped loss
-    var: jax.Array  #: shape=(), float32: running variance of the capped loss
-    threshold: jax.Array  #: shape=(), float32: cap for the NEXT loss (+inf before any)
-    scale: jax.Array  #: shape=(), float32: gradient factor applied at the last step
-    num_steps: jax.Array  #: shape=(), int32: steps with a finite loss
-    num_losses: jax.Array  #: shape=(), int32: losses seen in those steps (examples if per-example)
-    num_clipped: jax.Array  #: shape=(), int32: losses capped (examples if per-example)
-    num_nonfinite: jax.Array  #: shape=(), int32: steps skipped for a non-finite loss
+    mean: jax.Array
+    var: jax.Array
+    threshold: jax.Array
+    scale: jax.Array
+    num_steps: jax.Array
+    num_losses: jax.Array
+    num_clipped: jax.Array
+    num_nonfinite: jax.Array
 
 
 class ALRCPerExampleState(ALRCState):

@@ -114,10 +114,10 @@ class LogDampenState(NamedTuple):
         ``log(mean(g**2))`` of its updates (not bias-corrected).
     """
 
-    # `count`, as in optax's states; as a field it shadows tuple.count.
-    #: like the updates: one int32 scalar per leaf
+    # Documented under Attributes: above (@document_fields makes each entry the field's
+    # docstring). `count`, as in optax's states; as a field it shadows tuple.count.
     count: Any
-    log_mean_square: Any  #: like the updates: one float32 scalar per leaf
+    log_mean_square: Any
 
 
 def log_dampen(
