@@ -351,91 +351,37 @@ def alrc(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adaptive learning rate clipping: caps the loss (or the gradient norm) at mean + n std.
 
-    With running estimates :math:`\mu` and :math:`\sigma^2` of the loss's mean and
-    variance, a step whose loss :math:`L` exceeds the threshold
-    :math:`t = \mu + n\sigma` has its loss capped to :math:`t` as
-    :math:`L / \mathrm{sg}(L / t)`, which scales every gradient by :math:`t / L`:
+    A statistic :math:`x` of each step (the loss :math:`L` given as ``value``; with
+    ``signal="grad_norm"`` the global L2 norm of the updates) is capped at the threshold
+    :math:`t = \mu + n\sigma` of its running mean and variance, which scales the updates:
 
     .. math::
-      u &\leftarrow u \cdot \min(1, t / L),
+      u &\leftarrow u \cdot \min(1, t / x),
 
-      \mu &\leftarrow \mu + a (L' - \mu), \qquad
-      \sigma^2 \leftarrow (1 - a)\left(\sigma^2 + a (L' - \mu_{\mathrm{old}})^2\right),
+      \mu &\leftarrow \mu + a (x' - \mu), \qquad
+      \sigma^2 \leftarrow (1 - a)\left(\sigma^2 + a (x' - \mu_{\mathrm{old}})^2\right),
 
-    where :math:`L' = \min(L, t)` is the capped loss and :math:`a = 1 - \beta`
-    (``decay`` :math:`= \beta`). This is the paper's raw-moment recurrence rewritten
-    so that float32 does not cancel (losses of 1000 ± 0.1 keep a correct threshold).
-    The statistics are float32 whatever the parameter dtype.
-
-    Signals. ``signal="loss"`` is the paper's rule above; it needs the loss as
-    ``value``. With ``signal="grad_norm"`` the same rule runs on the global L2 norm
-    :math:`G = \lVert u \rVert_2` of the incoming updates instead of :math:`L`: the
-    updates are scaled by :math:`\min(1, t_G / G)`, so a step's gradient norm is capped
-    at the running mean + n standard deviations of the (capped) norms. It needs no
-    ``value``, so it works in any plain chain, in Flax's stock ``TrainState`` and inside
-    :class:`optax.MultiSteps` (where it sees the accumulated gradient of the window).
-    ``signal="both"`` keeps both statistics, each capped and folded with its own
-    capped value, and applies the smaller factor; it needs ``value``. Choose
-    ``"grad_norm"`` when a bad batch shows in the gradient more than in the loss, as
-    in transformer language models (a bad batch there has ~5x the loss but 7-21x the
-    gradient norm, so the loss factor under-corrects); ``"loss"`` is the paper's rule
-    for losses that spike, as with quartic or corrupted-target regression.
-
-    Starting point. With ``mu1_init`` and ``mu2_init`` (the paper's guessed loss
-    moments, e.g. 25 and ``30**2``; ``signal="loss"`` only) the rule is the paper's from
-    the first step, with :math:`\sigma = \sqrt{\mu_2 - \mu_1^2 + 10^{-8}}`. By default no
-    guess is needed: the averages are bias-corrected (:math:`a = (1-\beta)/(1-\beta^k)`,
-    as Adam does), so clip decisions do not change when the loss (or the gradient) is
-    multiplied by any :math:`c > 0`; there is no cap at the first step. During the
-    first ``warmup_steps`` steps the threshold is at least :math:`(1 + n)\mu`, and a
-    statistic below :math:`\mu / (1 + n)` restarts the statistics from it, so a spike
-    in the first steps neither passes unclipped for long nor disables clipping later.
-
-    Non-finite input (a loss, or a gradient whose float32 norm is not finite: a NaN or
-    infinite element, or a norm beyond about 1.8e19): the updates are set to exactly
-    zero and the statistics are left unchanged (``num_nonfinite`` counts such steps).
-    A following Adam still advances its moments on the zero gradient; wrap the whole
-    chain in :func:`optax.apply_if_finite` to skip the step entirely.
-
-    Signed losses: ALRC assumes a positive loss, as in the paper. The factor is kept
-    in :math:`[0, 1]`: a loss :math:`\le 0` is never capped, and a positive loss
-    above a threshold :math:`\le 0` gets factor 0 (the step is dropped). Pass
-    ``value=loss - lower_bound`` for a loss that can be negative.
-
-    Data parallelism: every replica must take the same decision. Under ``jit`` with
-    sharded inputs the loss is a global mean and the norm is taken over the global
-    (sharded) arrays, so it does. Under ``pmap`` or ``shard_map`` give ``axis_name``:
-    the per-replica loss, and the norm of the updates each replica receives, are
-    averaged with :func:`jax.lax.pmean`. Pass the replica-averaged gradient
-    (``lax.pmean(grads, axis_name)``, as data-parallel training does), whose norm is
-    then the norm of the global gradient on every replica; for parameters sharded
-    across the axis inside ``shard_map`` the norm of a shard is not the global norm
-    (use ``jit`` over a ``Mesh`` there). Without ``axis_name`` replicas that see
-    different values would take different decisions and drift apart silently.
-
-    Gradient accumulation: with the loss as a signal (``"loss"``, ``"both"``), put
-    ``alrc`` outside :class:`optax.MultiSteps`,
-    ``optax.chain(alrc(), optax.MultiSteps(opt, k).gradient_transformation())``: it
-    then caps every micro-batch by its own loss before the gradients are averaged
-    (its statistics advance once per micro-batch). Inside, ``MultiSteps`` would keep
-    only the last micro-step's call, which sees only the last micro-batch's loss, so
-    ``update`` raises a ``ValueError`` there. ``signal="grad_norm"`` works inside.
+    with :math:`x' = \min(x, t)` the capped statistic and, at the :math:`k`-th step,
+    :math:`a = (1 - \beta) / (1 - \beta^k)` (bias-corrected: no scale to guess), or
+    :math:`a = 1 - \beta` and :math:`t = \mu + n\sqrt{\sigma^2 + 10^{-8}}` from the
+    paper's ``mu1_init`` and ``mu2_init``.
+    ``signal="both"`` keeps both statistics and applies the smaller factor. Warm-up,
+    non-finite input (the step is zeroed), signed losses, data parallelism and gradient
+    accumulation: :doc:`the ALRC guide </guide/alrc>`.
 
     Args:
       num_stddev: :math:`n > 0`, how many standard deviations above the mean to cap.
       decay: :math:`\beta \in (0, 1)`, the decay of the moving averages.
-      signal: the statistic to cap: ``"loss"`` (needs ``value``), ``"grad_norm"``
-        (the global L2 norm of the updates) or ``"both"`` (needs ``value``).
+      signal: ``"loss"`` (needs ``value``), ``"grad_norm"`` or ``"both"`` (needs ``value``).
       mu1_init: the paper's initial loss mean; give both inits or neither.
       mu2_init: the paper's initial second raw moment, ``> mu1_init**2``.
-      warmup_steps: steps of warm-up when starting from data (ignored with inits).
+      warmup_steps: steps during which :math:`t \ge (1 + n)\mu` and a statistic below
+        :math:`\mu / (1 + n)` restarts the statistics (from data only).
       axis_name: the ``pmap``/``shard_map`` axis over which to average the signals.
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes the
-      scalar loss as ``value`` (ignored with ``signal="grad_norm"``). Its state is an
-      :class:`ALRCState` for ``signal="loss"`` and an :class:`ALRCSignalsState`
-      otherwise.
+      An :class:`optax.GradientTransformationExtraArgs`. Its state is an
+      :class:`ALRCState` for ``signal="loss"`` and an :class:`ALRCSignalsState` otherwise.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -451,15 +397,6 @@ def alrc(
       ...   params = optax.apply_updates(params, updates)
       >>> optax.tree.get(state, "num_steps")
       Array(3, dtype=int32)
-
-      The gradient-norm signal needs no loss:
-
-      >>> tx = optax.chain(alrc(signal="grad_norm"), optax.adam(1e-3))
-      >>> params = jnp.ones(2)  # gradient [2, 2], of norm 2 * sqrt(2)
-      >>> state = tx.init(params)
-      >>> updates, state = tx.update(jax.grad(loss_fn)(params), state, params)
-      >>> optax.tree.get(state, "mean")  # the running mean of the gradient norm
-      Array(2.828427, dtype=float32)
 
     References:
       J. M. Ede and R. Beanland, `Adaptive Learning Rate Clipping Stabilizes
@@ -557,22 +494,22 @@ def alrc_per_example(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Per-example ALRC, the paper's form for batches: each example's loss is capped.
 
-    Inside the loss function, :func:`cap_losses` caps every example's loss at the
-    threshold held in this transform's state (value unchanged below it; above it the
-    example's gradient is scaled by ``threshold / loss``). Then ``update`` receives
-    the raw per-example losses as ``value`` (any shape: examples, or examples x
-    tokens), recomputes the same caps, and folds the batch mean and variance of the
-    capped losses into the statistics (the moments of individual losses, as the
-    paper's batch means of :math:`L'` and :math:`L'^2`). The updates pass unchanged;
-    a non-finite loss anywhere in the batch zeroes them and leaves the statistics
-    untouched. Warm-up, scale invariance, float32 statistics, signed losses and
-    ``axis_name`` behave as in :func:`alrc`, which documents them.
+    Inside the loss function, :func:`cap_losses` caps every example's loss
+    :math:`L_i` at the threshold :math:`t = \mu + n\sigma` held in this transform's
+    state. Then ``update`` receives the raw per-example losses as ``value`` (any shape:
+    examples, or examples x tokens), caps them again and folds the mean :math:`m` and
+    variance :math:`s^2` of the capped losses into the statistics:
 
-    Inside :class:`optax.MultiSteps`, :func:`cap_losses` still caps every micro-batch
-    (at the threshold of the last completed window), but the statistics learn only
-    from each window's last micro-batch; outside,
-    ``optax.chain(alrc_per_example(), optax.MultiSteps(opt, k).gradient_transformation())``,
-    they learn from all of them.
+    .. math::
+      L'_i &= \min(L_i, t), \qquad m = \operatorname{mean}_i L'_i, \qquad
+      s^2 = \operatorname{mean}_i (L'_i - m)^2,
+
+      \mu &\leftarrow \mu + a (m - \mu), \qquad
+      \sigma^2 \leftarrow (1 - a)\left(\sigma^2 + a (m - \mu_{\mathrm{old}})^2\right) + a s^2,
+
+    the moments of individual losses, as the paper's batch means of :math:`L'` and
+    :math:`L'^2`, with :math:`a` as in :func:`alrc`. The updates pass unchanged, or
+    zeroed if a loss is not finite. More: :doc:`the per-example guide </guide/per_example>`.
 
     Args:
       num_stddev: :math:`n > 0`, how many standard deviations above the mean to cap.
@@ -584,7 +521,7 @@ def alrc_per_example(
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes the
-      per-example losses as ``value`` and whose state is an :class:`ALRCState`.
+      per-example losses as ``value`` and whose state is an :class:`ALRCPerExampleState`.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -654,8 +591,13 @@ def signal_of(path: tuple[Any, ...]) -> str:
 def cap_losses(losses: jax.Array, state: Any) -> jax.Array:
     r"""Caps each loss at the ALRC threshold, for use inside the loss function.
 
-    Each element :math:`L` becomes :math:`L \cdot \mathrm{sg}(\min(1, t / L))`: the
-    value is :math:`\min(L, t)` (for positive losses) and the gradient of a capped
+    With :math:`t` the threshold of the :func:`alrc_per_example` state and
+    :math:`\mathrm{sg}` the stop gradient, each element :math:`L` becomes
+
+    .. math::
+      L \cdot \mathrm{sg}(\min(1, t / L)):
+
+    the value is :math:`\min(L, t)` (for positive losses) and the gradient of a capped
     loss is scaled by :math:`t / L`. Losses below the threshold, and all losses
     before the first step when the statistics start from data, are unchanged.
 
@@ -668,6 +610,19 @@ def cap_losses(losses: jax.Array, state: Any) -> jax.Array:
 
     Returns:
       The capped losses, same shape and dtype as ``losses``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> from optax_logdamp import alrc_per_example, cap_losses
+      >>> tx = optax.chain(alrc_per_example(mu1_init=1.0, mu2_init=1.25), optax.sgd(0.1))
+      >>> opt_state = tx.init(jnp.zeros(2))  # the paper's inits: t = 1 + 3 * 0.5
+      >>> cap_losses(jnp.array([1.0, 2.0, 10.0]), opt_state)
+      Array([1. , 2. , 2.5], dtype=float32)
+
+    References:
+      J. M. Ede and R. Beanland, `Adaptive Learning Rate Clipping Stabilizes
+      Learning <https://arxiv.org/abs/1906.09060>`_, 2020.
     """
     if isinstance(state, (jax.Array, np.ndarray, np.number, float, int)):
         threshold = jnp.asarray(state, jnp.float32)
