@@ -10,6 +10,7 @@
 """
 
 from optax_logdamp._aliases import logadam as logadam
+from optax_logdamp._aliases import logadamw as logadamw
 from optax_logdamp._alrc import ALRCPerExampleState as ALRCPerExampleState
 from optax_logdamp._alrc import ALRCSignalsState as ALRCSignalsState
 from optax_logdamp._alrc import ALRCState as ALRCState
@@ -21,6 +22,8 @@ from optax_logdamp._dampening import dampen as dampen
 from optax_logdamp._dampening import log_dampen as log_dampen
 from optax_logdamp._diagnostics import alrc_diagnostics as alrc_diagnostics
 from optax_logdamp._diagnostics import to_python_numbers as to_python_numbers
+from optax_logdamp._spike_guard import SpikeGuardState as SpikeGuardState
+from optax_logdamp._spike_guard import spike_guard as spike_guard
 
 __version__ = "0.1.0"
 
@@ -29,6 +32,7 @@ __all__ = [
     "ALRCSignalsState",
     "ALRCState",
     "LogDampenState",
+    "SpikeGuardState",
     "alrc",
     "alrc_diagnostics",
     "alrc_per_example",
@@ -36,5 +40,7 @@ __all__ = [
     "dampen",
     "log_dampen",
     "logadam",
+    "logadamw",
+    "spike_guard",
     "to_python_numbers",
 ]

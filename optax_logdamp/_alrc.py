@@ -264,6 +264,25 @@ def _cap_and_fold(rule, state, values, *, finite=None, axis_name=None):
     return mean_scale, finite, new_state
 
 
+def cap_signals(rule: _Rule, statistics: dict, states: dict, axis_name: str | None):
+    """Caps every signal at its state's threshold: the factor, finiteness, next states.
+
+    ``statistics`` and ``states`` map signal names to the step's scalar and its
+    :class:`ALRCState`. Under ``pmap``/``shard_map`` the statistics are first averaged
+    over ``axis_name``. A step counts as finite only if every statistic is; the factor
+    applied to the updates is the smallest of the signals' factors.
+    """
+    if axis_name is not None:
+        statistics = {name: lax.pmean(x, axis_name) for name, x in statistics.items()}
+    finite = functools.reduce(jnp.logical_and, [jnp.isfinite(x) for x in statistics.values()])
+    factor = jnp.ones([], jnp.float32)
+    new_states = {}
+    for name, statistic in statistics.items():
+        scale, _, new_states[name] = _cap_and_fold(rule, states[name], statistic, finite=finite)
+        factor = jnp.minimum(factor, scale)
+    return factor, finite, new_states
+
+
 def _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps) -> _Rule:
     """Validates hyperparameters (values if concrete, dtypes always) and packs the rule."""
     check_positive("num_stddev", num_stddev)
@@ -429,18 +448,12 @@ def alrc(
         _check_state(transform, state, signal)
         statistics, states = {}, {}
         if uses_loss:
-            statistics["loss"] = _scalar_loss(transform, value)
+            statistics["loss"] = scalar_loss(transform, value)
             states["loss"] = state if signal == "loss" else state.loss
         if uses_norm:
             statistics["grad_norm"] = global_norm(updates)
             states["grad_norm"] = state.grad_norm
-        if axis_name is not None:
-            statistics = {name: lax.pmean(x, axis_name) for name, x in statistics.items()}
-        finite = functools.reduce(jnp.logical_and, [jnp.isfinite(x) for x in statistics.values()])
-        factor = jnp.ones([], jnp.float32)
-        for name, statistic in statistics.items():
-            scale, _, states[name] = _cap_and_fold(rule, states[name], statistic, finite=finite)
-            factor = jnp.minimum(factor, scale)
+        factor, finite, states = cap_signals(rule, statistics, states, axis_name)
         if signal == "loss":
             new_state = states["loss"]
         else:
@@ -470,8 +483,11 @@ def _check_state(transform: str, state: Any, signal: str) -> None:
             )
 
 
-def _scalar_loss(transform: str, value: Any) -> jax.Array:
-    """The batch loss given as ``value``, checked to be a real scalar, as float32."""
+def scalar_loss(transform: str, value: Any) -> jax.Array:
+    """The batch loss given as ``value``, checked to be a real scalar, as float32.
+
+    ``transform`` names the caller in errors (``alrc``, ``spike_guard(signal="both")``).
+    """
     refuse_inside_multi_steps(transform)  # it would see only the last micro-batch's loss
     loss = loss_array(transform, value).astype(jnp.float32)
     if loss.ndim != 0:

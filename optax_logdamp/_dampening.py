@@ -210,18 +210,6 @@ def _log_dampen_auto(multiple: chex.Numeric, decay: chex.Numeric) -> optax.Gradi
     check_positive("auto_multiple", multiple)
     check_not_half_precision("auto_decay", decay)
     check_open_unit_interval("auto_decay", decay)
-    decay = jnp.asarray(decay, jnp.float32)
-
-    def init_fn(params):
-        return LogDampenState(
-            count=jax.tree.map(lambda _: jnp.zeros([], jnp.int32), params),
-            log_mean_square=jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params),
-        )
-
-    def knee(count, log_mean_square):
-        """``multiple`` x the running geometric-mean RMS, rounded to a power of two."""
-        log_rms = 0.5 * log_mean_square / (1 - lax.pow(decay, jnp.maximum(count, 1)))
-        return nearest_power_of_two(multiple * jnp.exp(log_rms))
 
     def update_fn(updates, state, params=None):
         check_params_match(_AUTO, updates, params)
@@ -237,26 +225,57 @@ def _log_dampen_auto(multiple: chex.Numeric, decay: chex.Numeric) -> optax.Gradi
             "leaves only)",
         )
         check_inexact_leaves("log_dampen", updates)
+        log_steps = jax.tree.map(lambda g: jnp.log(_mean_square(g)), updates)
+        return dampen_at_knees(updates, state, log_steps, multiple, decay)
 
-        def dampen_leaf(g, count, log_mean_square):
-            damped = _dampen(g, knee(count, log_mean_square), power_of_two=True)
-            return jnp.where(count > 0, damped, g)  # no scale yet: unchanged
+    return optax.GradientTransformation(init_knees, update_fn)
 
-        def fold(g, count, log_mean_square):
-            log_step = jnp.log(_mean_square(g))
-            ok = jnp.isfinite(log_step)  # all-zero (log 0) or non-finite updates: skipped
-            new = decay * log_mean_square + (1 - decay) * log_step
-            return (
-                jnp.where(ok, optax.safe_increment(count), count),
-                jnp.where(ok, new, log_mean_square),
-            )
 
-        damped = jax.tree.map(dampen_leaf, updates, state.count, state.log_mean_square)
-        folded = jax.tree.map(fold, updates, state.count, state.log_mean_square)
-        count = jax.tree.map(lambda _, pair: pair[0], updates, folded)
-        log_mean_square = jax.tree.map(lambda _, pair: pair[1], updates, folded)
-        new_state = LogDampenState(count=count, log_mean_square=log_mean_square)
-        chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
-        return damped, new_state
+def init_knees(params: Any) -> LogDampenState:
+    """The :class:`LogDampenState` of ``params``: no step folded into any tensor's scale."""
+    return LogDampenState(
+        count=jax.tree.map(lambda _: jnp.zeros([], jnp.int32), params),
+        log_mean_square=jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params),
+    )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+
+def dampen_at_knees(
+    updates: Any,
+    state: LogDampenState,
+    log_steps: Any,
+    multiple: chex.Numeric,
+    decay: chex.Numeric,
+) -> tuple[Any, LogDampenState]:
+    """Dampens each tensor at its knee, then folds the step's ``log(mean(g**2))`` in.
+
+    The knee is ``multiple`` x the tensor's running geometric-mean RMS (from ``state``,
+    before this step), rounded to a power of two; a tensor with no step folded in yet
+    passes unchanged. ``log_steps`` holds, per tensor, the log mean square of this
+    step's updates; a non-finite one (all-zero or non-finite updates) is not folded.
+    """
+    decay = jnp.asarray(decay, jnp.float32)
+
+    def knee(count, log_mean_square):
+        """``multiple`` x the running geometric-mean RMS, rounded to a power of two."""
+        log_rms = 0.5 * log_mean_square / (1 - lax.pow(decay, jnp.maximum(count, 1)))
+        return nearest_power_of_two(multiple * jnp.exp(log_rms))
+
+    def dampen_leaf(g, count, log_mean_square):
+        damped = _dampen(g, knee(count, log_mean_square), power_of_two=True)
+        return jnp.where(count > 0, damped, g)  # no scale yet: unchanged
+
+    def fold(log_step, count, log_mean_square):
+        ok = jnp.isfinite(log_step)  # all-zero (log 0) or non-finite updates: skipped
+        new = decay * log_mean_square + (1 - decay) * log_step
+        return (
+            jnp.where(ok, optax.safe_increment(count), count),
+            jnp.where(ok, new, log_mean_square),
+        )
+
+    damped = jax.tree.map(dampen_leaf, updates, state.count, state.log_mean_square)
+    folded = jax.tree.map(fold, log_steps, state.count, state.log_mean_square)
+    count = jax.tree.map(lambda _, pair: pair[0], updates, folded)
+    log_mean_square = jax.tree.map(lambda _, pair: pair[1], updates, folded)
+    new_state = LogDampenState(count=count, log_mean_square=log_mean_square)
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+    return damped, new_state

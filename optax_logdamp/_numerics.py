@@ -31,6 +31,10 @@ def global_norm(updates: Any) -> jax.Array:
 
     Each leaf's sum of squares is taken by :func:`sum_of_squares`.
     """
-    leaves = jax.tree.leaves(updates)
-    total = sum((sum_of_squares(g) for g in leaves), jnp.zeros([], jnp.float32))
+    return norm_of_sums([sum_of_squares(g) for g in jax.tree.leaves(updates)])
+
+
+def norm_of_sums(sums: list[jax.Array]) -> jax.Array:
+    """The global norm from the leaves' sums of squares (as :func:`global_norm` adds them)."""
+    total = sum(sums, jnp.zeros([], jnp.float32))
     return jnp.sqrt(total).astype(jnp.float32)

@@ -12,7 +12,15 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from optax_logdamp import ALRCState, alrc, alrc_per_example, cap_losses, log_dampen, logadam
+from optax_logdamp import (
+    ALRCState,
+    alrc,
+    alrc_per_example,
+    cap_losses,
+    log_dampen,
+    logadam,
+    spike_guard,
+)
 from optax_logdamp.flax import TrainState
 
 TRANSFORMS = {
@@ -27,6 +35,13 @@ TRANSFORMS = {
         lambda: optax.chain(
             optax.inject_hyperparams(alrc)(num_stddev=3.0),
             optax.inject_hyperparams(logadam)(learning_rate=1e-2),
+        ),
+        False,
+    ),
+    "spike_guard": (lambda: optax.chain(spike_guard(), optax.adamw(1e-2)), False),
+    "spike_guard_injected": (
+        lambda: optax.chain(
+            optax.inject_hyperparams(spike_guard)(num_stddev=2.0), optax.adam(1e-2)
         ),
         False,
     ),
@@ -159,7 +174,7 @@ def test_restoring_into_a_fresh_state_recovers_the_statistics():
     assert int(restored[0].num_steps) != int(fresh[0].num_steps)
 
 
-@pytest.mark.parametrize("name", ["chain", "multi_steps", "chain_per_example"])
+@pytest.mark.parametrize("name", ["chain", "multi_steps", "chain_per_example", "spike_guard"])
 @pytest.mark.parametrize("via", ["orbax", "flax"])
 def test_resumed_training_is_bit_identical(name, via, tmp_path):
     _, step_fn, start, uninterrupted = uninterrupted_run(name)

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from optax_logdamp import log_dampen, logadam
+from optax_logdamp import log_dampen, logadam, logadamw
 
 
 def run(tx, num_steps=8, dtype=jnp.float32):
@@ -94,3 +94,51 @@ def test_inject_hyperparams_with_half_precision_params_is_refused_not_nan(dtype,
     tx = optax.inject_hyperparams(logadam, hyperparam_dtype=jnp.float32)(learning_rate=1e-2)
     updates, _ = jax.jit(tx.update)(params, jax.jit(tx.init)(params), params)
     assert np.all(np.isfinite(np.asarray(updates["w"], np.float32)))
+
+
+def run_bitwise(tx, num_steps=12):
+    """Params and state leaves after jitted steps with spikes (x1e4 every fifth step)."""
+    params = {"w": jnp.linspace(-1, 1, 12).reshape(3, 4), "b": jnp.ones(4), "ln": jnp.ones(4)}
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+    for i in range(num_steps):
+        spike = 1e4 if i % 5 == 4 else 1.0
+        grads = jax.tree.map(lambda p, i=i, m=spike: m * (jnp.sin(p * (i + 1)) + 0.1), params)
+        updates, state = step(params, state, grads)
+        params = optax.apply_updates(params, updates)
+    return params, jax.tree.leaves(state)
+
+
+@pytest.mark.parametrize("dampen_scale", [1.0, 0.01, "auto"])
+def test_logadamw_is_bitwise_the_chain_of_log_dampen_and_adamw(dampen_scale):
+    """With a decay mask (not on biases and norms) and schedules for the rate and decay."""
+    mask = lambda params: {name: name == "w" for name in params}  # noqa: E731
+    kwargs = {
+        "learning_rate": optax.cosine_decay_schedule(1e-2, 12),
+        "b2": 0.95,
+        "weight_decay": optax.linear_schedule(0.1, 0.01, 12),
+        "mask": mask,
+    }
+    got_params, got_state = run_bitwise(logadamw(dampen_scale=dampen_scale, **kwargs))
+    want_params, want_state = run_bitwise(
+        optax.chain(log_dampen(dampen_scale), optax.adamw(**kwargs))
+    )
+    jax.tree.map(np.testing.assert_array_equal, got_params, want_params)
+    assert len(got_state) == len(want_state)
+    for got, want in zip(got_state, want_state, strict=True):
+        np.testing.assert_array_equal(got, want)
+    # The mask matters and the dampening matters: neither side is a no-op.
+    unmasked, _ = run_bitwise(logadamw(dampen_scale=dampen_scale, **{**kwargs, "mask": None}))
+    assert not np.array_equal(unmasked["b"], got_params["b"])
+    np.testing.assert_array_equal(unmasked["w"], got_params["w"])
+    plain, _ = run_bitwise(optax.adamw(**kwargs))
+    assert not np.array_equal(plain["w"], got_params["w"])
+
+
+def test_logadamw_refuses_bad_arguments_under_their_own_names():
+    with pytest.raises(ValueError, match=r"^dampen_scale must be a finite number > 0"):
+        logadamw(1e-3, dampen_scale=-1.0)
+    with pytest.raises(ValueError, match=r'^dampen_scale must be a number or "auto"'):
+        logadamw(1e-3, dampen_scale="Auto")  # pyright: ignore[reportArgumentType]
+    with pytest.raises(ValueError, match=r"^b2 must lie in \[0, 1\)"):
+        logadamw(1e-3, b2=1.0)

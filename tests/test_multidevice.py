@@ -32,7 +32,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from optax_logdamp import alrc, alrc_per_example, cap_losses, log_dampen, logadam
+from optax_logdamp import alrc, alrc_per_example, cap_losses, log_dampen, logadam, spike_guard
 from optax_logdamp._alrc import find_alrc_states
 
 NUM_DEVICES = 8
@@ -81,6 +81,13 @@ CASES = {
         ),
         False,
     ),
+    "spike_guard+adam": Case(
+        lambda axis: optax.chain(spike_guard(axis_name=axis), optax.adam(0.05)), False
+    ),
+    "spike_guard_both+sgd": Case(
+        lambda axis: optax.chain(spike_guard(signal="both", axis_name=axis), optax.sgd(0.01)),
+        False,
+    ),
 }
 ALRC_CASES = [
     "alrc",
@@ -88,6 +95,8 @@ ALRC_CASES = [
     "alrc+logadam",
     "alrc_grad_norm",
     "alrc_both+logadam_auto",
+    "spike_guard+adam",
+    "spike_guard_both+sgd",
 ]
 FSDP_SPECS = {"w": P(AXIS, None), "b": P(AXIS)}  # params sharded over the data axis too
 
