@@ -106,5 +106,18 @@ def _readable_signature(app, what, name, obj, options, signature, return_annotat
     return signature, return_annotation
 
 
+def _real_signatures_when_running_code(app):
+    """The doctest builder runs the pages' code: leave the functions' signatures alone.
+
+    ``autodoc_preserve_defaults`` writes onto each documented function a
+    ``__signature__`` whose defaults are wrappers of their source text (for display).
+    ``optax.inject_hyperparams`` reads defaults from ``inspect.signature``, so a page
+    that wraps ``logadam`` in it would get those wrappers for ``b1``, ``b2`` and ``eps``.
+    """
+    if app.builder.name == "doctest":
+        app.config.autodoc_preserve_defaults = False
+
+
 def setup(app):
+    app.connect("builder-inited", _real_signatures_when_running_code)
     app.connect("autodoc-process-signature", _readable_signature)

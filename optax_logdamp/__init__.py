@@ -11,6 +11,7 @@
 
 from optax_logdamp._aliases import logadam as logadam
 from optax_logdamp._aliases import logadamw as logadamw
+from optax_logdamp._alrc import ALRCPerExampleState as ALRCPerExampleState
 from optax_logdamp._alrc import ALRCSignalsState as ALRCSignalsState
 from optax_logdamp._alrc import ALRCState as ALRCState
 from optax_logdamp._alrc import alrc as alrc
@@ -27,6 +28,7 @@ from optax_logdamp._spike_guard import spike_guard as spike_guard
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALRCPerExampleState",
     "ALRCSignalsState",
     "ALRCState",
     "LogDampenState",

@@ -27,9 +27,8 @@ def logadam(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam on log-dampened gradients (the "LogAdam" optimizer).
 
-    Each gradient element is first mapped to
-    :math:`s \cdot \operatorname{sign}(g) \log(1 + |g| / s)` (:func:`log_dampen`,
-    :math:`s` = ``dampen_scale``), then Adam runs as :func:`optax.adam` does:
+    Each gradient element is dampened by :func:`log_dampen` (:math:`s` =
+    ``dampen_scale``), then Adam runs as :func:`optax.adam` does:
 
     .. math::
       \tilde g &= s \operatorname{sign}(g) \log(1 + |g|/s),
@@ -39,17 +38,9 @@ def logadam(
 
       u &= -\eta \frac{\hat m}{\sqrt{\hat v + \epsilon_{root}} + \epsilon}.
 
-    Results equal ``optax.chain(log_dampen(dampen_scale), optax.adam(...))``.
-
-    ``dampen_scale="auto"`` gives each tensor a knee at 3 times the running RMS of its
-    incoming gradients (``log_dampen("auto")``): the dampening then engages on spikes
-    whatever the units of the gradient, where the seed's knee at 1 never does for
-    gradients of about 1e-3. The extra state is two scalars per tensor.
-
-    ``b1``, ``b2`` and ``eps`` must be float32 or wider: in bfloat16, ``b2 = 0.999``
-    rounds to 1 and Adam divides by zero, so such values (which
-    ``optax.inject_hyperparams`` produces for half-precision parameters unless given
-    ``hyperparam_dtype=jnp.float32``) are refused with a ``ValueError``.
+    Results equal ``optax.chain(log_dampen(dampen_scale), optax.adam(...))``. ``b1``,
+    ``b2`` and ``eps`` in bfloat16 or float16 are refused (0.999 rounds to 1); for
+    half-precision parameters see :doc:`Getting started </getting_started>`.
 
     Args:
       learning_rate: a fixed rate or a schedule (``optax.ScalarOrSchedule``).
@@ -58,7 +49,7 @@ def logadam(
       eps: added to the denominator outside the square root.
       eps_root: added to the second moment inside the square root.
       dampen_scale: the knee :math:`s > 0` of the dampening, or ``"auto"`` (a knee per
-        tensor that follows its running RMS; see :func:`log_dampen`).
+        tensor at 3 times its running RMS; see :func:`log_dampen`).
       mu_dtype: dtype of the first moment (``None``: that of the parameters).
       nesterov: whether to use Nesterov momentum (NAdam).
       dampen_curve: the dampening curve, ``"log1p"`` or ``"linlog"`` (the identity up

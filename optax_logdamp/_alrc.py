@@ -7,10 +7,11 @@ receives the loss as ``value`` and scales the updates. Per-example ALRC (the pap
 own form for batches) caps each example inside the loss with :func:`cap_losses` and
 then folds the capped losses into the same statistics in ``update``.
 
-One statistics engine serves every signal: :func:`_cap_statistic` caps a scalar at the
-threshold held in an :class:`ALRCState` and :func:`_advance` folds the capped value into
-that state. The loss (``signal="loss"``, the paper) and the global norm of the
-gradient (``signal="grad_norm"``) are only two ways of feeding it a scalar.
+One statistics engine serves every signal and both forms: :func:`_cap_and_fold` caps
+values at the threshold held in an :class:`ALRCState` and :func:`_advance` folds the
+capped values into that state. The loss (``signal="loss"``, the paper) and the global
+norm of the gradient (``signal="grad_norm"``) are two ways of feeding it one scalar;
+:func:`alrc_per_example` feeds it the batch of per-example losses.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Literal, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -30,9 +32,11 @@ from optax_logdamp._validation import (
     as_float,
     check_not_half_precision,
     check_open_unit_interval,
+    check_params_match,
     check_positive,
     check_scalar,
-    missing_value_error,
+    check_state_type,
+    loss_array,
     refuse_inside_multi_steps,
 )
 
@@ -42,8 +46,9 @@ _INT32_MAX = jnp.iinfo(jnp.int32).max
 
 @document_fields
 class ALRCState(NamedTuple):
-    """State of :func:`alrc` and :func:`alrc_per_example`: loss statistics, diagnostics.
+    """State of :func:`alrc`: statistics of the loss (or gradient norm), diagnostics.
 
+    :func:`alrc_per_example` keeps the same fields in an :class:`ALRCPerExampleState`.
     Every field is a scalar array; the state is the same size whatever the model.
     Counters saturate at the int32 maximum instead of wrapping around.
 
@@ -63,17 +68,30 @@ class ALRCState(NamedTuple):
       num_nonfinite: int32: steps skipped because the loss was not finite.
     """
 
+    # Each field is documented once, under Attributes: above; @document_fields makes that
+    # entry the field's docstring (what help() and the API reference show).
     # `count` is the SPEC's name (as in optax's states); as a field it shadows tuple.count.
-    #: shape=(), int32: steps folded into mean/var since they (re)started
     count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
-    mean: jax.Array  #: shape=(), float32: running mean of the capped loss
-    var: jax.Array  #: shape=(), float32: running variance of the capped loss
-    threshold: jax.Array  #: shape=(), float32: cap for the NEXT loss (+inf before any)
-    scale: jax.Array  #: shape=(), float32: gradient factor applied at the last step
-    num_steps: jax.Array  #: shape=(), int32: steps with a finite loss
-    num_losses: jax.Array  #: shape=(), int32: losses seen in those steps (examples if per-example)
-    num_clipped: jax.Array  #: shape=(), int32: losses capped (examples if per-example)
-    num_nonfinite: jax.Array  #: shape=(), int32: steps skipped for a non-finite loss
+    mean: jax.Array
+    var: jax.Array
+    threshold: jax.Array
+    scale: jax.Array
+    num_steps: jax.Array
+    num_losses: jax.Array
+    num_clipped: jax.Array
+    num_nonfinite: jax.Array
+
+
+class ALRCPerExampleState(ALRCState):
+    """State of :func:`alrc_per_example`: an :class:`ALRCState` of individual losses.
+
+    The same fields, in the same order (so the same checkpoints), counted per example.
+    Its own type is what tells :func:`cap_losses` that the statistics are of
+    individual losses, from the first step on, where the state of batch :func:`alrc`
+    holds statistics of batch losses and must not cap examples.
+    """
+
+    __slots__ = ()
 
 
 @document_fields
@@ -196,7 +214,7 @@ def _advance(rule, state, *, finite, batch_mean, batch_var, scale, num_losses, n
     """The next state; a step with a non-finite loss only counts itself as skipped."""
     count, mean, var = _fold(rule, state, batch_mean, batch_var)
     num_steps = jnp.asarray(optax.safe_increment(state.num_steps))
-    advanced = ALRCState(
+    advanced = type(state)(  # an ALRCState, or an ALRCPerExampleState
         count=count,
         mean=mean,
         var=var,
@@ -216,25 +234,51 @@ def _advance(rule, state, *, finite, batch_mean, batch_var, scale, num_losses, n
     return new_state
 
 
-def _cap_statistic(rule, state, statistic, finite, exponent=None):
-    """Caps one scalar statistic at ``state.threshold``; returns its factor and next state.
+def _cap_and_fold(rule, state, values, *, finite=None, axis_name=None, exponent=None):
+    """Caps ``values`` at ``state.threshold`` and folds the capped values into the state.
 
-    The capped value (the threshold, or the statistic below it) is what is folded, so
-    a spike does not inflate the statistics that judge the next one. ``exponent``
-    (``None``: 1) only raises the factor applied to the updates to that power.
+    ``values`` is one statistic (a scalar, :func:`alrc`) or one loss per example (any
+    shape, :func:`alrc_per_example`). A value above the threshold is capped to it, with
+    gradient factor ``threshold / value``; the mean and variance of the capped values are
+    what is folded, so a spike does not inflate the statistics that judge the next one.
+    With ``axis_name`` the values are shards of one batch split over that axis, and the
+    exact global mean and variance (of equal-sized shards) are folded. The step is taken
+    where ``finite`` (default: where the folded mean and variance are finite).
+
+    ``exponent`` (``None``: 1) only raises the gradient factor to that power.
+
+    Returns the mean gradient factor, ``finite``, and the next state.
     """
-    scale, capped = loss_scale(statistic, state.threshold, exponent)
+    scale, capped = loss_scale(values, state.threshold, exponent)
+    capped_values = jnp.where(capped, state.threshold, values)
+    if values.ndim == 0:  # one value: its own mean, no spread (a literal 0 for XLA to fold)
+        batch_mean, batch_var = capped_values, jnp.zeros([], jnp.float32)
+    else:
+        batch_mean = jnp.mean(capped_values)
+        batch_var = jnp.mean(jnp.square(capped_values - batch_mean))
+    mean_scale = jnp.mean(scale)
+    num_clipped = jnp.sum(capped, dtype=jnp.int32)
+    num_values = jnp.asarray(values.size, jnp.int32)
+    if axis_name is not None:
+        global_mean = lax.pmean(batch_mean, axis_name)
+        batch_var = lax.pmean(batch_var + jnp.square(batch_mean - global_mean), axis_name)
+        batch_mean = global_mean
+        mean_scale = lax.pmean(mean_scale, axis_name)
+        num_clipped = lax.psum(num_clipped, axis_name)
+        num_values = lax.psum(num_values, axis_name)
+    if finite is None:
+        finite = jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
     new_state = _advance(
         rule,
         state,
         finite=finite,
-        batch_mean=jnp.where(capped, state.threshold, statistic),
-        batch_var=jnp.zeros([], jnp.float32),
-        scale=scale,
-        num_losses=1,
-        num_clipped=capped.astype(jnp.int32),
+        batch_mean=batch_mean,
+        batch_var=batch_var,
+        scale=mean_scale,
+        num_losses=num_values,
+        num_clipped=num_clipped,
     )
-    return scale, new_state
+    return mean_scale, finite, new_state
 
 
 def cap_signals(
@@ -258,7 +302,9 @@ def cap_signals(
     factor = jnp.ones([], jnp.float32)
     new_states = {}
     for name, statistic in statistics.items():
-        scale, new_states[name] = _cap_statistic(rule, states[name], statistic, finite, exponent)
+        scale, _, new_states[name] = _cap_and_fold(
+            rule, states[name], statistic, finite=finite, exponent=exponent
+        )
         factor = jnp.minimum(factor, scale)
     return factor, finite, new_states
 
@@ -300,7 +346,7 @@ def _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps) -> _Rule:
     )
 
 
-def _init_state(rule: _Rule, mu1_init, mu2_init) -> ALRCState:
+def _init_state(rule: _Rule, mu1_init, mu2_init, state_type: type[ALRCState] = ALRCState):
     zero_int = jnp.zeros([], jnp.int32)
     if rule.from_data:
         mean = jnp.zeros([], jnp.float32)
@@ -314,7 +360,7 @@ def _init_state(rule: _Rule, mu1_init, mu2_init) -> ALRCState:
         else:
             mean = jnp.asarray(mu1_init, jnp.float32)
             var = jnp.asarray(mu2_init, jnp.float32) - jnp.square(mean)
-    return ALRCState(
+    return state_type(
         count=zero_int,
         mean=mean,
         var=var,
@@ -326,36 +372,6 @@ def _init_state(rule: _Rule, mu1_init, mu2_init) -> ALRCState:
         num_clipped=jnp.zeros([], jnp.int32),
         num_nonfinite=jnp.zeros([], jnp.int32),
     )
-
-
-def _init_fn(rule: _Rule, mu1_init, mu2_init):
-    """The ``init`` of both transforms: the state does not depend on the params."""
-
-    def init_fn(params):
-        del params
-        return _init_state(rule, mu1_init, mu2_init)
-
-    return init_fn
-
-
-def _check_updates(updates, params) -> None:
-    """At trace time: ``updates`` has the structure and shapes of ``params`` (if given).
-
-    A mismatch would silently mis-scale updates.
-    """
-    if params is not None:
-        chex.assert_trees_all_equal_shapes(updates, params)
-
-
-def _loss_array(value: Any, transform: str, updates, params) -> jax.Array:
-    """The ``value`` extra argument as a float32 array, with a clear error if absent."""
-    _check_updates(updates, params)
-    if value is None:
-        raise missing_value_error(transform)
-    loss = jnp.asarray(value)
-    if not (jnp.issubdtype(loss.dtype, jnp.floating) or jnp.issubdtype(loss.dtype, jnp.integer)):
-        raise TypeError(f"{transform}: value must be a real loss, got dtype {loss.dtype}.")
-    return loss.astype(jnp.float32)
 
 
 def _zero_if_skipped(updates, finite, scale=None):
@@ -381,84 +397,32 @@ def alrc(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adaptive learning rate clipping: caps the loss (or the gradient norm) at mean + n std.
 
-    With running estimates :math:`\mu` and :math:`\sigma^2` of the loss's mean and
-    variance, a step whose loss :math:`L` exceeds the threshold
-    :math:`t = \mu + n\sigma` has its loss capped to :math:`t` as
-    :math:`L / \mathrm{sg}(L / t)`, which scales every gradient by :math:`t / L`:
+    A statistic :math:`x` of each step (the loss :math:`L` given as ``value``; with
+    ``signal="grad_norm"`` the global L2 norm of the updates) is capped at the threshold
+    :math:`t = \mu + n\sigma` of its running mean and variance, which scales the updates:
 
     .. math::
-      u &\leftarrow u \cdot \min(1, t / L),
+      u &\leftarrow u \cdot \min(1, t / x),
 
-      \mu &\leftarrow \mu + a (L' - \mu), \qquad
-      \sigma^2 \leftarrow (1 - a)\left(\sigma^2 + a (L' - \mu_{\mathrm{old}})^2\right),
+      \mu &\leftarrow \mu + a (x' - \mu), \qquad
+      \sigma^2 \leftarrow (1 - a)\left(\sigma^2 + a (x' - \mu_{\mathrm{old}})^2\right),
 
-    where :math:`L' = \min(L, t)` is the capped loss and :math:`a = 1 - \beta`
-    (``decay`` :math:`= \beta`). This is the paper's raw-moment recurrence rewritten
-    so that float32 does not cancel (losses of 1000 ± 0.1 keep a correct threshold).
-    The statistics are float32 whatever the parameter dtype.
-
-    Signals. ``signal="loss"`` is the paper's rule above; it needs the loss as
-    ``value``. With ``signal="grad_norm"`` the same rule runs on the global L2 norm
-    :math:`G = \lVert u \rVert_2` of the incoming updates instead of :math:`L`: the
-    updates are scaled by :math:`\min(1, t_G / G)`, so a step's gradient norm is capped
-    at the running mean + n standard deviations of the (capped) norms. It needs no
-    ``value``, so it works in any plain chain, in Flax's stock ``TrainState`` and inside
-    :class:`optax.MultiSteps` (where it sees the accumulated gradient of the window).
-    ``signal="both"`` keeps both statistics, each capped and folded with its own
-    capped value, and applies the smaller factor; it needs ``value``. Choose
-    ``"grad_norm"`` when a bad batch shows in the gradient more than in the loss, as
-    in transformer language models (a bad batch there has ~5x the loss but 7-21x the
-    gradient norm, so the loss factor under-corrects); ``"loss"`` is the paper's rule
-    for losses that spike, as with quartic or corrupted-target regression.
-
-    Starting point. With ``mu1_init`` and ``mu2_init`` (the paper's guessed loss
-    moments, e.g. 25 and ``30**2``; ``signal="loss"`` only) the rule is the paper's from
-    the first step, with :math:`\sigma = \sqrt{\mu_2 - \mu_1^2 + 10^{-8}}`. By default no
-    guess is needed: the averages are bias-corrected (:math:`a = (1-\beta)/(1-\beta^k)`,
-    as Adam does), so clip decisions do not change when the loss (or the gradient) is
-    multiplied by any :math:`c > 0`; there is no cap at the first step. During the
-    first ``warmup_steps`` steps the threshold is at least :math:`(1 + n)\mu`, and a
-    statistic below :math:`\mu / (1 + n)` restarts the statistics from it, so a spike
-    in the first steps neither passes unclipped for long nor disables clipping later.
-
-    Non-finite input (a loss, or a gradient whose float32 norm is not finite: a NaN or
-    infinite element, or a norm beyond about 1.8e19): the updates are set to exactly
-    zero and the statistics are left unchanged (``num_nonfinite`` counts such steps).
-    A following Adam still advances its moments on the zero gradient; wrap the whole
-    chain in :func:`optax.apply_if_finite` to skip the step entirely.
-
-    Signed losses: ALRC assumes a positive loss, as in the paper. The factor is kept
-    in :math:`[0, 1]`: a loss :math:`\le 0` is never capped, and a positive loss
-    above a threshold :math:`\le 0` gets factor 0 (the step is dropped). Pass
-    ``value=loss - lower_bound`` for a loss that can be negative.
-
-    Data parallelism: every replica must take the same decision. Under ``jit`` with
-    sharded inputs the loss is a global mean and the norm is taken over the global
-    (sharded) arrays, so it does. Under ``pmap`` or ``shard_map`` give ``axis_name``:
-    the per-replica loss, and the norm of the updates each replica receives, are
-    averaged with :func:`jax.lax.pmean`. Pass the replica-averaged gradient
-    (``lax.pmean(grads, axis_name)``, as data-parallel training does), whose norm is
-    then the norm of the global gradient on every replica; for parameters sharded
-    across the axis inside ``shard_map`` the norm of a shard is not the global norm
-    (use ``jit`` over a ``Mesh`` there). Without ``axis_name`` replicas that see
-    different values would take different decisions and drift apart silently.
-
-    Gradient accumulation: with the loss as a signal (``"loss"``, ``"both"``), put
-    ``alrc`` outside :class:`optax.MultiSteps`,
-    ``optax.chain(alrc(), optax.MultiSteps(opt, k).gradient_transformation())``: it
-    then caps every micro-batch by its own loss before the gradients are averaged
-    (its statistics advance once per micro-batch). Inside, ``MultiSteps`` would keep
-    only the last micro-step's call, which sees only the last micro-batch's loss, so
-    ``update`` raises a ``ValueError`` there. ``signal="grad_norm"`` works inside.
+    with :math:`x' = \min(x, t)` the capped statistic and, at the :math:`k`-th step,
+    :math:`a = (1 - \beta) / (1 - \beta^k)` (bias-corrected: no scale to guess), or
+    :math:`a = 1 - \beta` and :math:`t = \mu + n\sqrt{\sigma^2 + 10^{-8}}` from the
+    paper's ``mu1_init`` and ``mu2_init``.
+    ``signal="both"`` keeps both statistics and applies the smaller factor. Warm-up,
+    non-finite input (the step is zeroed), signed losses, data parallelism and gradient
+    accumulation: :doc:`the ALRC guide </guide/alrc>`.
 
     Args:
       num_stddev: :math:`n > 0`, how many standard deviations above the mean to cap.
       decay: :math:`\beta \in (0, 1)`, the decay of the moving averages.
-      signal: the statistic to cap: ``"loss"`` (needs ``value``), ``"grad_norm"``
-        (the global L2 norm of the updates) or ``"both"`` (needs ``value``).
+      signal: ``"loss"`` (needs ``value``), ``"grad_norm"`` or ``"both"`` (needs ``value``).
       mu1_init: the paper's initial loss mean; give both inits or neither.
       mu2_init: the paper's initial second raw moment, ``> mu1_init**2``.
-      warmup_steps: steps of warm-up when starting from data (ignored with inits).
+      warmup_steps: steps during which :math:`t \ge (1 + n)\mu` and a statistic below
+        :math:`\mu / (1 + n)` restarts the statistics (from data only).
       axis_name: the ``pmap``/``shard_map`` axis over which to average the signals.
       exponent: :math:`p \ge 1`: a capped step's factor is :math:`(t / x)^p` for a
         statistic :math:`x` above its threshold :math:`t` (1: the paper); the
@@ -466,10 +430,8 @@ def alrc(
         :func:`cap_losses` keep :math:`p = 1`.
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes the
-      scalar loss as ``value`` (ignored with ``signal="grad_norm"``). Its state is an
-      :class:`ALRCState` for ``signal="loss"`` and an :class:`ALRCSignalsState`
-      otherwise.
+      An :class:`optax.GradientTransformationExtraArgs`. Its state is an
+      :class:`ALRCState` for ``signal="loss"`` and an :class:`ALRCSignalsState` otherwise.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -485,15 +447,6 @@ def alrc(
       ...   params = optax.apply_updates(params, updates)
       >>> optax.tree.get(state, "num_steps")
       Array(3, dtype=int32)
-
-      The gradient-norm signal needs no loss:
-
-      >>> tx = optax.chain(alrc(signal="grad_norm"), optax.adam(1e-3))
-      >>> params = jnp.ones(2)  # gradient [2, 2], of norm 2 * sqrt(2)
-      >>> state = tx.init(params)
-      >>> updates, state = tx.update(jax.grad(loss_fn)(params), state, params)
-      >>> optax.tree.get(state, "mean")  # the running mean of the gradient norm
-      Array(2.828427, dtype=float32)
 
     References:
       J. M. Ede and R. Beanland, `Adaptive Learning Rate Clipping Stabilizes
@@ -519,12 +472,15 @@ def alrc(
         loss_state = _init_state(rule, None, None) if uses_loss else optax.EmptyState()
         return ALRCSignalsState(loss=loss_state, grad_norm=_init_state(rule, None, None))
 
+    transform = "alrc" if signal == "loss" else f'alrc(signal="{signal}")'
+
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         del extra_args
-        _check_updates(updates, params)
+        check_params_match(transform, updates, params)
+        _check_state(transform, state, signal)
         statistics, states = {}, {}
         if uses_loss:
-            statistics["loss"] = scalar_loss(value, updates, params, signal)
+            statistics["loss"] = scalar_loss(transform, value)
             states["loss"] = state if signal == "loss" else state.loss
         if uses_norm:
             statistics["grad_norm"] = global_norm(updates)
@@ -556,11 +512,31 @@ def _check_exponent(exponent: chex.Numeric) -> jax.Array | None:
     return jnp.asarray(exponent, jnp.float32)
 
 
-def scalar_loss(value: Any, updates, params, signal: str, name: str = "alrc") -> jax.Array:
-    """The batch loss given as ``value``, checked to be a scalar (``name``: for errors)."""
-    transform = name if signal == "loss" else f'{name}(signal="{signal}")'
+def _check_state(transform: str, state: Any, signal: str) -> None:
+    """Refuses a state that ``alrc(signal=signal)``'s init did not make, naming the fix."""
+    if signal == "loss":
+        check_state_type(transform, state, ALRCState)
+        return
+    check_state_type(transform, state, ALRCSignalsState)
+    loss_type = ALRCState if signal == "both" else optax.EmptyState
+    for field, expected in (("loss", loss_type), ("grad_norm", ALRCState)):
+        node = getattr(state, field)
+        if type(node) is not expected:
+            other = "grad_norm" if signal == "both" else "both"
+            raise TypeError(
+                f"{transform}: state.{field} must be an {expected.__name__}, got "
+                f'{type(node).__name__}: this is the state of alrc(signal="{other}"). Create '
+                "the state with this transform's init: opt_state = tx.init(params)."
+            )
+
+
+def scalar_loss(transform: str, value: Any) -> jax.Array:
+    """The batch loss given as ``value``, checked to be a real scalar, as float32.
+
+    ``transform`` names the caller in errors (``alrc``, ``spike_guard(signal="both")``).
+    """
     refuse_inside_multi_steps(transform)  # it would see only the last micro-batch's loss
-    loss = _loss_array(value, transform, updates, params)
+    loss = loss_array(transform, value).astype(jnp.float32)
     if loss.ndim != 0:
         raise ValueError(
             f"{transform} expects value to be the scalar loss of the batch, got shape "
@@ -581,22 +557,22 @@ def alrc_per_example(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Per-example ALRC, the paper's form for batches: each example's loss is capped.
 
-    Inside the loss function, :func:`cap_losses` caps every example's loss at the
-    threshold held in this transform's state (value unchanged below it; above it the
-    example's gradient is scaled by ``threshold / loss``). Then ``update`` receives
-    the raw per-example losses as ``value`` (any shape: examples, or examples x
-    tokens), recomputes the same caps, and folds the batch mean and variance of the
-    capped losses into the statistics (the moments of individual losses, as the
-    paper's batch means of :math:`L'` and :math:`L'^2`). The updates pass unchanged;
-    a non-finite loss anywhere in the batch zeroes them and leaves the statistics
-    untouched. Warm-up, scale invariance, float32 statistics, signed losses and
-    ``axis_name`` behave as in :func:`alrc`, which documents them.
+    Inside the loss function, :func:`cap_losses` caps every example's loss
+    :math:`L_i` at the threshold :math:`t = \mu + n\sigma` held in this transform's
+    state. Then ``update`` receives the raw per-example losses as ``value`` (any shape:
+    examples, or examples x tokens), caps them again and folds the mean :math:`m` and
+    variance :math:`s^2` of the capped losses into the statistics:
 
-    Inside :class:`optax.MultiSteps`, :func:`cap_losses` still caps every micro-batch
-    (at the threshold of the last completed window), but the statistics learn only
-    from each window's last micro-batch; outside,
-    ``optax.chain(alrc_per_example(), optax.MultiSteps(opt, k).gradient_transformation())``,
-    they learn from all of them.
+    .. math::
+      L'_i &= \min(L_i, t), \qquad m = \operatorname{mean}_i L'_i, \qquad
+      s^2 = \operatorname{mean}_i (L'_i - m)^2,
+
+      \mu &\leftarrow \mu + a (m - \mu), \qquad
+      \sigma^2 \leftarrow (1 - a)\left(\sigma^2 + a (m - \mu_{\mathrm{old}})^2\right) + a s^2,
+
+    the moments of individual losses, as the paper's batch means of :math:`L'` and
+    :math:`L'^2`, with :math:`a` as in :func:`alrc`. The updates pass unchanged, or
+    zeroed if a loss is not finite. More: :doc:`the per-example guide </guide/per_example>`.
 
     Args:
       num_stddev: :math:`n > 0`, how many standard deviations above the mean to cap.
@@ -608,7 +584,7 @@ def alrc_per_example(
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes the
-      per-example losses as ``value`` and whose state is an :class:`ALRCState`.
+      per-example losses as ``value`` and whose state is an :class:`ALRCPerExampleState`.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -634,39 +610,28 @@ def alrc_per_example(
     """
     rule = _make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps)
 
+    def init_fn(params):
+        del params
+        return _init_state(rule, mu1_init, mu2_init, ALRCPerExampleState)
+
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         del extra_args
-        losses = _loss_array(value, "alrc_per_example", updates, params)
+        check_params_match("alrc_per_example", updates, params)
+        check_state_type("alrc_per_example", state, ALRCPerExampleState)
+        losses = loss_array("alrc_per_example", value).astype(jnp.float32)
+        if losses.ndim == 0:
+            raise ValueError(
+                "alrc_per_example expects value to be the per-example losses, shape (batch,) "
+                "or (batch, ...), got a scalar. Return them from the loss function before the "
+                "mean (as has_aux) and pass value=losses; for the scalar loss of the batch, "
+                "use alrc()."
+            )
         if losses.size == 0:
             raise ValueError("alrc_per_example: value holds no losses (size 0).")
-        scale, capped = loss_scale(losses, state.threshold)
-        capped_losses = jnp.where(capped, state.threshold, losses)
-        batch_mean = jnp.mean(capped_losses)
-        batch_var = jnp.mean(jnp.square(capped_losses - batch_mean))
-        mean_scale = jnp.mean(scale)
-        num_clipped = jnp.sum(capped, dtype=jnp.int32)
-        num_losses = jnp.asarray(losses.size, jnp.int32)
-        if axis_name is not None:  # exact global mean and variance of equal-sized shards
-            global_mean = lax.pmean(batch_mean, axis_name)
-            batch_var = lax.pmean(batch_var + jnp.square(batch_mean - global_mean), axis_name)
-            batch_mean = global_mean
-            mean_scale = lax.pmean(mean_scale, axis_name)
-            num_clipped = lax.psum(num_clipped, axis_name)
-            num_losses = lax.psum(num_losses, axis_name)
-        finite = jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
-        new_state = _advance(
-            rule,
-            state,
-            finite=finite,
-            batch_mean=batch_mean,
-            batch_var=batch_var,
-            scale=mean_scale,
-            num_losses=num_losses,
-            num_clipped=num_clipped,
-        )
+        _, finite, new_state = _cap_and_fold(rule, state, losses, axis_name=axis_name)
         return _zero_if_skipped(updates, finite), new_state
 
-    return optax.GradientTransformationExtraArgs(_init_fn(rule, mu1_init, mu2_init), update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def find_alrc_states(tree: Any) -> list[tuple[tuple[Any, ...], ALRCState]]:
@@ -689,34 +654,71 @@ def signal_of(path: tuple[Any, ...]) -> str:
 def cap_losses(losses: jax.Array, state: Any) -> jax.Array:
     r"""Caps each loss at the ALRC threshold, for use inside the loss function.
 
-    Each element :math:`L` becomes :math:`L \cdot \mathrm{sg}(\min(1, t / L))`: the
-    value is :math:`\min(L, t)` (for positive losses) and the gradient of a capped
+    With :math:`t` the threshold of the :func:`alrc_per_example` state and
+    :math:`\mathrm{sg}` the stop gradient, each element :math:`L` becomes
+
+    .. math::
+      L \cdot \mathrm{sg}(\min(1, t / L)):
+
+    the value is :math:`\min(L, t)` (for positive losses) and the gradient of a capped
     loss is scaled by :math:`t / L`. Losses below the threshold, and all losses
     before the first step when the statistics start from data, are unchanged.
 
     Args:
       losses: per-example (or per-token) losses, any shape.
-      state: the optimizer state holding exactly one :class:`ALRCState` of the loss
-        (found anywhere inside: chain, ``inject_hyperparams``, ``MultiSteps``; the
-        statistics of a gradient norm are not counted), that state itself, or the
-        threshold as an array.
+      state: an optimizer state holding exactly one :class:`ALRCPerExampleState`
+        (found anywhere inside: chain, ``inject_hyperparams``, ``MultiSteps``; the states
+        of batch :func:`alrc` are not counted, and a tree with only those is refused),
+        that state itself, or the threshold as an array.
 
     Returns:
       The capped losses, same shape and dtype as ``losses``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> from optax_logdamp import alrc_per_example, cap_losses
+      >>> tx = optax.chain(alrc_per_example(mu1_init=1.0, mu2_init=1.25), optax.sgd(0.1))
+      >>> opt_state = tx.init(jnp.zeros(2))  # the paper's inits: t = 1 + 3 * 0.5
+      >>> cap_losses(jnp.array([1.0, 2.0, 10.0]), opt_state)
+      Array([1. , 2. , 2.5], dtype=float32)
+
+    References:
+      J. M. Ede and R. Beanland, `Adaptive Learning Rate Clipping Stabilizes
+      Learning <https://arxiv.org/abs/1906.09060>`_, 2020.
     """
-    if isinstance(state, (jax.Array, float, int)):
+    if isinstance(state, (jax.Array, np.ndarray, np.number, float, int)):
         threshold = jnp.asarray(state, jnp.float32)
     else:
-        found = [
-            (path, node) for path, node in find_alrc_states(state) if signal_of(path) == "loss"
-        ]
-        if len(found) != 1:
-            raise ValueError(
-                "cap_losses needs exactly one ALRCState of the loss in the optimizer state (from "
-                f"alrc_per_example()), found {len(found)}. Pass the threshold explicitly: "
-                "cap_losses(losses, threshold)."
-            )
-        threshold = found[0][1].threshold
+        threshold = _per_example_state(state).threshold
     losses = jnp.asarray(losses)
     scale, _ = loss_scale(losses.astype(jnp.float32), threshold)
     return losses * scale.astype(losses.dtype)
+
+
+def _per_example_state(tree: Any) -> ALRCPerExampleState:
+    """The one :class:`ALRCPerExampleState` in ``tree``, or an error that says what to build."""
+    found = find_alrc_states(tree)
+    per_example = [node for _, node in found if isinstance(node, ALRCPerExampleState)]
+    if len(per_example) == 1:
+        return per_example[0]
+    explicit = "To cap at a threshold of your own, pass it: cap_losses(losses, threshold)."
+    if len(per_example) > 1:
+        raise ValueError(
+            "cap_losses needs exactly one ALRCPerExampleState (the state of "
+            f"alrc_per_example()) in the optimizer state, found {len(per_example)}. "
+            "Pass the one to use (e.g. opt_state[0]), or its threshold. " + explicit
+        )
+    if found:
+        raise ValueError(
+            "cap_losses needs the state of alrc_per_example() (an ALRCPerExampleState, "
+            "statistics of individual losses); this optimizer state holds only the state of "
+            "batch alrc(), whose statistics are of batch losses and which scales the whole "
+            "step in update. Build the optimizer with alrc_per_example() to cap each example "
+            "(optax.chain(alrc_per_example(), optax.adam(lr))), or keep alrc() and do not "
+            "call cap_losses. " + explicit
+        )
+    raise ValueError(
+        "cap_losses found no ALRCPerExampleState in the optimizer state: build the optimizer "
+        "with alrc_per_example(), e.g. optax.chain(alrc_per_example(), optax.adam(lr)). " + explicit
+    )

@@ -25,7 +25,10 @@ from optax_logdamp._validation import (
     check_inexact_leaves,
     check_not_half_precision,
     check_open_unit_interval,
+    check_params_match,
     check_positive,
+    check_state_type,
+    check_trees_match,
 )
 
 
@@ -62,15 +65,18 @@ def _cast_scale(scale: chex.Numeric, dtype: jnp.dtype) -> jax.Array | float:
 
 
 def dampen(g: jax.Array, scale: chex.Numeric = 1.0, *, curve: Curve = "log1p") -> jax.Array:
-    """Log-dampens one array: ``scale * sign(g) * log1p(|g| / scale)``.
+    r"""Log-dampens one array: ``scale * sign(g) * log1p(|g| / scale)``.
+
+    .. math::
+      g \mapsto s \cdot \operatorname{sign}(g) \cdot \log\left(1 + |g| / s\right)
 
     Real inputs keep their sign; complex inputs keep their phase and have their
     modulus dampened. Half-precision inputs are computed in float32 and rounded
-    once; the output has the input's dtype and shape.
+    once. :func:`log_dampen` applies it to every leaf of the updates.
 
     Args:
       g: the array to dampen.
-      scale: the knee, a number in ``[1e-20, 1e20]``; the map is close to the
+      scale: the knee :math:`s`, a number in ``[1e-20, 1e20]``; the map is close to the
         identity for ``|g| << scale`` and logarithmic above it.
       curve: ``"log1p"`` or ``"linlog"`` (the identity up to the knee; see :func:`log_dampen`).
 
@@ -83,6 +89,11 @@ def dampen(g: jax.Array, scale: chex.Numeric = 1.0, *, curve: Curve = "log1p") -
       >>> dampen(jnp.array([-1e6, -1.0, 0.0, 1e-3, 1e6]))
       Array([-1.3815512e+01, -6.9314718e-01,  0.0000000e+00,  9.9950039e-04,
               1.3815512e+01], dtype=float32)
+
+    References:
+      D. MacDonald, `A Magnetosphere for Neural Networks: the LogAdam optimizer
+      <https://torontoai.org/2018/03/31/a-magnetosphere-for-neural-networks/>`_,
+      2018.
     """
     _check_scale(scale)
     _check_curve(curve)
@@ -133,10 +144,10 @@ class LogDampenState(NamedTuple):
         ``log(mean(g**2))`` of its updates (not bias-corrected).
     """
 
-    # `count`, as in optax's states; as a field it shadows tuple.count.
-    #: like the updates: one int32 scalar per leaf
+    # Documented under Attributes: above (@document_fields makes each entry the field's
+    # docstring). `count`, as in optax's states; as a field it shadows tuple.count.
     count: Any
-    log_mean_square: Any  #: like the updates: one float32 scalar per leaf
+    log_mean_square: Any
 
 
 def log_dampen(
@@ -153,61 +164,29 @@ def log_dampen(
     .. math::
       s \cdot \operatorname{sign}(g) \cdot \log\left(1 + \frac{|g|}{s}\right),
 
-    where :math:`s` is ``scale``. With :math:`s = 1` this is the original
-    ``sign(g) * log(1 + |g|)``. The map is odd, monotone, has slope 1 at the origin
-    (near-identity for :math:`|g| \ll s`), never increases a magnitude, and maps every
-    finite input to a finite output (float32's largest value to about
-    :math:`88.7 s`), so a gradient spike is compressed instead of applied. It needs no
-    threshold: :math:`s` only sets the knee where compression starts.
-
-    ``scale="auto"``: a knee in the gradient's own units. A numeric knee is absolute:
-    at the seed's :math:`s = 1` the gradients of a transformer (about :math:`10^{-3}`)
-    are never compressed. With ``"auto"`` each tensor :math:`T` (leaf of the updates)
-    gets, at its :math:`t`-th step, the knee
+    where the knee :math:`s` is ``scale`` (:math:`s = 1`: the original
+    ``sign(g) * log(1 + |g|)``). The map is odd, monotone, has slope 1 at the origin,
+    never increases a magnitude and maps every finite input to a finite output, so a
+    spike is compressed, its direction kept; NaN stays NaN. With ``scale="auto"`` each
+    tensor :math:`T` (leaf) gets at its :math:`t`-th step the knee
 
     .. math::
       s_T = \operatorname{pow2}\!\left(k \exp\frac{\lambda_T}{2 (1 - \beta^{t-1})}\right),
       \qquad
       \lambda_T \leftarrow \beta \lambda_T + (1 - \beta) \log \operatorname{mean}_T(g^2),
 
-    where :math:`k` is ``auto_multiple``, :math:`\beta` is ``auto_decay`` and
-    :math:`\operatorname{pow2}` rounds to the nearest power of two: :math:`k` times
-    the tensor's typical gradient RMS over the previous steps, a running geometric mean
-    (bias-corrected, as Adam's moments are). Ordinary updates, below a few times
-    their tensor's typical size, change little; a spike tens of times larger is
-    compressed logarithmically, whatever the units of the gradient. Averaging the
-    logarithm keeps the knee robust: a step 100 times larger than usual moves it by
-    0.5 % (with :math:`\beta = 0.999`), so one spike does not blunt the next clip. The
-    rounding (the knee lies within a factor :math:`\sqrt 2` of :math:`k` RMS) makes the
-    dampening an exact rescaling of the seed's map: as accurate (below 1 ulp) and as
-    cheap as the default knee. Multiplying a tensor's gradients by a power of two
-    multiplies its dampened updates by exactly that power; by any :math:`c > 0`, the
-    knee follows within that factor. A tensor's first step, and steps where its updates
-    are all zero or not finite, are not folded into its scale; until it has one, its
-    updates pass unchanged. The state is two scalars per tensor; the cost is one more
-    read of the gradient (a dot product per tensor).
-
-    NaN stays NaN and infinities stay infinite: a broken step is not hidden (wrap the
-    optimizer in :func:`optax.apply_if_finite` to skip such steps). Half-precision
-    updates are dampened in float32 and rounded once; the dtype of every leaf is
-    kept. Complex updates keep their phase and have their modulus dampened. For
-    float32 updates every result is within 2 ulp of the float64 formula (within 1 ulp
-    when ``scale`` is a power of two, the default 1 included; XLA may flush a subnormal
-    input to zero).
+    :math:`k` times its running geometric-mean RMS, rounded to a power of two; a tensor's
+    updates pass unchanged until it has a scale. Dtypes, accuracy, the knee's details:
+    :doc:`the log-dampening guide </guide/log_dampen>`.
 
     Args:
-      scale: the knee :math:`s`, in the units of the gradient, in ``[1e-20, 1e20]``
-        (beyond, float32 intermediates would leave the normal range), or ``"auto"``.
-        Gradients much smaller than ``scale`` pass almost unchanged. May be a traced
-        array (``optax.inject_hyperparams``); a traced value is not checked, and
-        outside that range float32 results lose accuracy.
-      auto_multiple: with ``scale="auto"``, :math:`k > 0`: the knee in units of the
-        tensor's running RMS.
-      auto_decay: with ``scale="auto"``, :math:`\beta \in (0, 1)`: the decay of the
-        running mean square.
+      scale: the knee :math:`s`, in the units of the gradient, in ``[1e-20, 1e20]``, or
+        ``"auto"``. May be a traced array (``optax.inject_hyperparams``), then unchecked.
+      auto_multiple: with ``"auto"``, :math:`k > 0`, the knee in units of the RMS.
+      auto_decay: with ``"auto"``, :math:`\beta \in (0, 1)`, the decay of :math:`\lambda_T`.
       curve: ``"log1p"`` (the formula above) or ``"linlog"``: :math:`|g|` up to the knee
-        and :math:`s (1 + \log(|g| / s))` above it (slope 1 at the knee, so ordinary
-        updates below it pass bitwise unchanged; within 1.5 ulp of float64).
+        and :math:`s (1 + \log(|g| / s))` above it (slope 1 at the knee: ordinary updates
+        below it pass bitwise unchanged).
 
     Returns:
       An :class:`optax.GradientTransformation`: stateless for a numeric ``scale``;
@@ -225,16 +204,6 @@ def log_dampen(
       >>> updates["w"]
       Array([-9.9950039e-04, -6.9314718e-01, -1.3815512e+01], dtype=float32)
 
-      With ``"auto"`` a spike is compressed relative to the tensor's usual size:
-
-      >>> tx = log_dampen("auto")
-      >>> state = tx.init(params)
-      >>> for _ in range(10):
-      ...   _, state = tx.update({"w": jnp.full(3, 1e-3)}, state)
-      >>> updates, state = tx.update({"w": jnp.array([1e-3, -3e-3, 1.0])}, state)
-      >>> updates["w"]  # knee 2**-8: 1e-3 shrinks by 11 %, the spike 46x
-      Array([ 0.00089036, -0.00222597,  0.02167608], dtype=float32)
-
     References:
       D. MacDonald, `A Magnetosphere for Neural Networks: the LogAdam optimizer
       <https://torontoai.org/2018/03/31/a-magnetosphere-for-neural-networks/>`_,
@@ -248,8 +217,7 @@ def log_dampen(
     _check_scale(scale)
 
     def update_fn(updates, state, params=None):
-        if params is not None:
-            chex.assert_trees_all_equal_shapes(updates, params)
+        check_params_match("log_dampen", updates, params)
         check_inexact_leaves("log_dampen", updates)
         return jax.tree.map(lambda g: dampen(g, scale, curve=curve), updates), state
 
@@ -261,6 +229,9 @@ def _mean_square(g: jax.Array) -> jax.Array:
     return (sum_of_squares(g) / max(g.size, 1)).astype(jnp.float32)
 
 
+_AUTO = 'log_dampen("auto")'
+
+
 def _log_dampen_auto(
     multiple: chex.Numeric, decay: chex.Numeric, curve: Curve = "log1p"
 ) -> optax.GradientTransformation:
@@ -270,8 +241,18 @@ def _log_dampen_auto(
     check_open_unit_interval("auto_decay", decay)
 
     def update_fn(updates, state, params=None):
-        if params is not None:
-            chex.assert_trees_all_equal_shapes(updates, params)
+        check_params_match(_AUTO, updates, params)
+        check_state_type(_AUTO, state, LogDampenState)
+        check_trees_match(
+            _AUTO,
+            "updates",
+            updates,
+            "state.count",
+            state.count,
+            problem="the state was initialised for a tree of another structure",
+            fix="init with the tree the updates have (tx.init(params), params the trainable "
+            "leaves only)",
+        )
         check_inexact_leaves("log_dampen", updates)
         log_steps = jax.tree.map(lambda g: jnp.log(_mean_square(g)), updates)
         return dampen_at_knees(updates, state, log_steps, multiple, decay, curve)

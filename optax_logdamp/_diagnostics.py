@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_logdamp._alrc import ALRCState, find_alrc_states, signal_of
+from optax_logdamp._validation import is_concrete
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
@@ -46,39 +47,28 @@ def _state_diagnostics(state: ALRCState) -> dict[str, jax.Array]:
 
 
 def alrc_diagnostics(opt_state: Any) -> dict[str, jax.Array]:
-    """Finds every ALRC state in an optimizer state and returns its statistics as scalars.
+    r"""Finds every ALRC state in an optimizer state and returns its statistics as scalars.
 
-    The states are found anywhere in the tree: inside ``optax.chain``,
-    ``optax.inject_hyperparams``, ``optax.MultiSteps``, ``optax.masked``, a Flax
-    ``TrainState.opt_state`` or an ``nnx.Optimizer.opt_state``. For each state:
+    The states are found anywhere in the tree (a chain, ``inject_hyperparams``,
+    ``MultiSteps``, ``masked``, a Flax ``TrainState.opt_state`` or an
+    ``nnx.Optimizer.opt_state``). Each gives ``threshold``, ``scale`` (the last step's
+    factor), ``num_clipped``, ``mean``, ``num_steps``, ``num_nonfinite`` and
 
-    - ``threshold``: the cap for the next loss (``inf`` before any statistics);
-    - ``scale``: the gradient factor of the last step (mean over examples for
-      :func:`~optax_logdamp.alrc_per_example`; 0 after a skipped step);
-    - ``num_clipped`` and ``clip_rate``: losses capped so far, and their fraction of
-      the losses seen (0 before any);
-    - ``mean`` and ``std``: the running mean and standard deviation of the capped loss;
-    - ``num_steps`` and ``num_nonfinite``: steps taken, and steps skipped for a
-      non-finite loss.
+    .. math::
+      \mathrm{clip\_rate} = \frac{\mathrm{num\_clipped}}{\max(1, \mathrm{num\_losses})},
+      \qquad \mathrm{std} = \sqrt{\max(0, \mathrm{var})}.
 
-    The statistics of the loss have these names; those of the gradient norm
-    (``alrc(signal="grad_norm")`` or ``"both"``) are prefixed with ``grad_norm/``, e.g.
-    ``"grad_norm/threshold"``; with ``signal="both"`` each ``scale`` is its own signal's
-    factor and the applied factor is the smaller. If the tree holds several ALRC states
-    of the same signal, every name is prefixed by its state's path in the tree
-    instead, e.g. ``"0/threshold"`` and ``"1/inner_state/threshold"``.
-    The values are scalar arrays: the function works inside ``jit`` (return the dict
-    as an output) and outside; :func:`to_python_numbers` turns the dict into Python
-    numbers for a logger or ``print``.
+    Those of the gradient norm are prefixed ``grad_norm/``; several states of one signal
+    are prefixed by their paths in the tree instead. Works inside ``jit`` and outside;
+    without ALRC the dict is empty, so a run whose configuration switches the defence
+    off logs nothing. Names and what to watch: :doc:`the guide </guide/diagnostics>`.
 
     Args:
       opt_state: an optimizer state, or any tree that holds ALRC states.
 
     Returns:
-      A flat ``dict`` from names to scalar arrays.
-
-    Raises:
-      ValueError: if the tree holds no :class:`~optax_logdamp.ALRCState`.
+      A flat ``dict`` from names to scalar arrays (empty if the tree holds no
+      :class:`~optax_logdamp.ALRCState`).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -91,13 +81,12 @@ def alrc_diagnostics(opt_state: Any) -> dict[str, jax.Array]:
       >>> to_python_numbers(alrc_diagnostics(opt_state))
       {'threshold': 8.0, 'scale': 1.0, 'num_clipped': 0, 'clip_rate': 0.0, 'mean': 2.0,
        'std': 0.0, 'num_steps': 1, 'num_nonfinite': 0}
+
+    References:
+      J. M. Ede and R. Beanland, `Adaptive Learning Rate Clipping Stabilizes
+      Learning <https://arxiv.org/abs/1906.09060>`_, 2020.
     """
     found = find_alrc_states(opt_state)
-    if not found:
-        raise ValueError(
-            "alrc_diagnostics found no ALRCState in the optimizer state: build the optimizer "
-            "with alrc() or alrc_per_example(), e.g. optax.chain(alrc(), logadam(1e-3))."
-        )
     prefixes = ["" if signal_of(path) == "loss" else f"{signal_of(path)}/" for path, _ in found]
     if len(set(prefixes)) < len(prefixes):
         prefixes = [f"{_path_name(path)}/" for path, _ in found]
@@ -131,6 +120,13 @@ def to_python_numbers(diagnostics: dict[str, Any]) -> dict[str, int | float]:
     """
     numbers: dict[str, int | float] = {}
     for name, value in diagnostics.items():
+        if not is_concrete(value):
+            raise TypeError(
+                f"to_python_numbers: {name!r} is a traced value: this runs inside jax.jit (or "
+                "another JAX transformation), where values are not known yet. Call it outside "
+                "jit, on the returned state: return opt_state (or alrc_diagnostics(opt_state)) "
+                "from the jitted step, then to_python_numbers(alrc_diagnostics(opt_state))."
+            )
         array = np.asarray(value)
         if array.ndim != 0:
             raise ValueError(f"to_python_numbers: {name!r} is not a scalar (shape {array.shape}).")

@@ -14,7 +14,6 @@ from optax_logdamp._alrc import (
     ALRCState,
     Signal,
     _check_exponent,
-    _check_updates,
     _init_state,
     _make_rule,
     _zero_if_skipped,
@@ -34,6 +33,7 @@ from optax_logdamp._validation import (
     check_inexact_leaves,
     check_not_half_precision,
     check_open_unit_interval,
+    check_params_match,
     check_positive,
 )
 
@@ -154,15 +154,17 @@ def spike_guard(
             knee=init_knees(params) if knee is not None else optax.EmptyState(),
         )
 
+    transform = "spike_guard" if signal == "loss" else f'spike_guard(signal="{signal}")'
+
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         del extra_args
-        _check_updates(updates, params)
+        check_params_match("spike_guard", updates, params)
         check_inexact_leaves("spike_guard", updates)
         leaves, treedef = jax.tree.flatten(updates)
         sums = [sum_of_squares(g) for g in leaves]  # once, for the norm and the knees
         statistics, states = {}, {}
         if uses_loss:
-            statistics["loss"] = scalar_loss(value, updates, params, signal, "spike_guard")
+            statistics["loss"] = scalar_loss(transform, value)
             states["loss"] = state.loss
         if uses_norm:
             statistics["grad_norm"] = norm_of_sums(sums)

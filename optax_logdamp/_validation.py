@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import jax
 import jax.core
 import jax.numpy as jnp
 import numpy as np
@@ -103,6 +104,118 @@ def missing_value_error(transform: str) -> TypeError:
         "(even when given), use `optax_logdamp.flax.TrainState`, a drop-in subclass that "
         "passes it on. Flax NNX: `optimizer.update(model, grads, value=loss)`."
     )
+
+
+def _brief(text: str, limit: int = 120) -> str:
+    """``text`` cut to ``limit`` characters, for a tree structure inside an error message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _key_paths(tree: Any) -> list[str]:
+    """The key path of every leaf of ``tree``, as ``['w']`` or ``.mu['w']``."""
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _structure_difference(name_a: str, tree_a: Any, name_b: str, tree_b: Any) -> str:
+    """The two structures, briefly, and up to three leaves that only one of them has."""
+    text = (
+        f"{name_a} has structure {_brief(str(jax.tree.structure(tree_a)))}, "
+        f"{name_b} has {_brief(str(jax.tree.structure(tree_b)))}."
+    )
+    paths_a, paths_b = _key_paths(tree_a), _key_paths(tree_b)
+    for name, paths, others in ((name_a, paths_a, paths_b), (name_b, paths_b, paths_a)):
+        only = [path for path in paths if path not in set(others)]
+        if only:
+            more = f" and {len(only) - 3} more" if len(only) > 3 else ""
+            text += f" Only in {name}: {', '.join(only[:3])}{more}."
+    return text
+
+
+def check_trees_match(
+    transform: str, name_a: str, tree_a: Any, name_b: str, tree_b: Any, *, problem: str, fix: str
+) -> None:
+    """Refuses two trees of different structures, showing both and what only one has."""
+    if jax.tree.structure(tree_a) != jax.tree.structure(tree_b):
+        raise ValueError(
+            f"{transform}: {problem} ({fix}). "
+            + _structure_difference(name_a, tree_a, name_b, tree_b)
+        )
+
+
+def check_params_match(transform: str, updates: Any, params: Any) -> None:
+    """Refuses ``params`` whose tree structure or leaf shapes differ from those of ``updates``.
+
+    ``params`` is optional in Optax (``None`` passes); when given it must be the tree the
+    updates apply to. Runs at trace time (structures and shapes are static).
+    """
+    if params is None:
+        return
+    check_trees_match(
+        transform,
+        "updates",
+        updates,
+        "params",
+        params,
+        problem="params must have the tree structure of updates",
+        fix="params are the parameters the updates apply to, e.g. the trainable leaves only: "
+        "eqx.filter(model, eqx.is_array) for Equinox",
+    )
+    update_leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
+    for (path, update), param in zip(update_leaves, jax.tree.leaves(params), strict=True):
+        if jnp.shape(update) != jnp.shape(param):
+            key = jax.tree_util.keystr(path)
+            raise ValueError(
+                f"{transform}: params must have the shapes of updates; updates{key} has shape "
+                f"{jnp.shape(update)}, params{key} has shape {jnp.shape(param)}."
+            )
+
+
+def check_state_type(transform: str, state: Any, expected: type) -> None:
+    """Refuses a ``state`` that is not the ``expected`` type, the one ``init`` returns.
+
+    A state from elsewhere (``None``, ``optax.EmptyState()``, another transform's state)
+    would otherwise fail deep inside ``update`` with an ``AttributeError``. Runs in
+    Python, once per trace under ``jit``.
+    """
+    if type(state) is expected:
+        return
+    hint = ""
+    if isinstance(state, dict):
+        hint = (
+            " A checkpoint restored without a target comes back as dicts: restore it into "
+            "the structure of tx.init(params) (orbax: an abstract target; "
+            "flax.serialization.from_bytes: a template)."
+        )
+    elif type(state) in (tuple, list):
+        hint = (
+            " A tuple is the state of an optax.chain: call update on the chain, which hands "
+            "each transform its own part."
+        )
+    raise TypeError(
+        f"{transform}: state must be the {expected.__name__} that this transform's init "
+        f"returns, got {'None' if state is None else type(state).__name__}. Create it with "
+        "opt_state = tx.init(params), and pass on the state that each tx.update returns." + hint
+    )
+
+
+def loss_array(transform: str, value: Any) -> jax.Array:
+    """The ``value`` extra argument (the loss) as an array; refuses what is not a real loss."""
+    if value is None:
+        raise missing_value_error(transform)
+    try:
+        loss = jnp.asarray(value)
+    except TypeError:
+        loss = None
+    if loss is None or not (
+        jnp.issubdtype(loss.dtype, jnp.floating) or jnp.issubdtype(loss.dtype, jnp.integer)
+    ):
+        got = f"dtype {loss.dtype}" if loss is not None else f"{type(value).__name__} {value!r:.40}"
+        raise TypeError(
+            f"{transform}: value must be a real loss, a number or an array of them (the loss "
+            "that jax.value_and_grad returns: tx.update(grads, opt_state, params, value=loss)), "
+            f"got {got}."
+        )
+    return loss
 
 
 def check_inexact_leaves(transform: str, updates: Any) -> None:

@@ -296,11 +296,85 @@ def test_complex_loss_is_refused():
         tx.update(jnp.ones(2), tx.init(jnp.ones(2)), value=1.0 + 1j)
 
 
-def test_updates_structure_must_match_params():
+def test_updates_shapes_must_match_params_and_the_error_names_both():
     tx = alrc()
     params = {"w": jnp.ones(2)}
-    with pytest.raises(AssertionError):
+    with pytest.raises(
+        ValueError, match=r"updates\['w'\] has shape \(3,\), params\['w'\] has shape \(2,\)"
+    ):
         tx.update({"w": jnp.ones(3)}, tx.init(params), params, value=1.0)
+
+
+@pytest.mark.parametrize("signal", ["loss", "grad_norm", "both"])
+def test_a_params_tree_unlike_the_updates_is_named_with_both_structures(signal):
+    tx = alrc(signal=signal)
+    params = {"w": jnp.ones(2), "b": jnp.ones(())}
+    updates = {"w": jnp.ones(2)}
+    with pytest.raises(
+        ValueError,
+        match=r"params must have the tree structure of updates.*"
+        r"updates has structure PyTreeDef\(\{'w': \*\}\), "
+        r"params has PyTreeDef\(\{'b': \*, 'w': \*\}\)\. Only in params: \['b'\]\.",
+    ):
+        tx.update(updates, tx.init(params), params, value=1.0)
+
+
+STATES_FROM_ELSEWHERE = {
+    "None": None,
+    "EmptyState": optax.EmptyState(),
+    "adam": optax.adam(1e-3).init(jnp.ones(2)),
+    "chain": optax.chain(alrc(), optax.sgd(1.0)).init(jnp.ones(2)),
+    "dict": {"count": jnp.zeros([], jnp.int32)},
+}
+
+
+@pytest.mark.parametrize("state", STATES_FROM_ELSEWHERE.values(), ids=STATES_FROM_ELSEWHERE)
+@pytest.mark.parametrize(
+    ("signal", "expected"), [("loss", "ALRCState"), ("grad_norm", "ALRCSignalsState")]
+)
+def test_a_state_not_from_init_is_refused_with_the_expected_type(signal, expected, state):
+    tx = alrc(signal=signal)
+    name = "alrc" if signal == "loss" else r'alrc\(signal="grad_norm"\)'
+    with pytest.raises(
+        TypeError,
+        match=rf"{name}: state must be the {expected} that this transform's init returns, got "
+        rf"{type(state).__name__ if state is not None else None}\. "
+        r"Create it with opt_state = tx\.init\(params\)",
+    ):
+        tx.update(jnp.ones(2), state, value=1.0)
+
+
+def test_a_state_of_another_signal_is_refused():
+    params = jnp.ones(2)
+    with pytest.raises(TypeError, match=r"state must be the ALRCState .* got ALRCSignalsState"):
+        alrc().update(params, alrc(signal="both").init(params), value=1.0)
+    with pytest.raises(
+        TypeError, match=r'alrc\(signal="both"\): state\.loss must be an ALRCState.*"grad_norm"'
+    ):
+        alrc(signal="both").update(params, alrc(signal="grad_norm").init(params), value=1.0)
+
+
+def test_a_restored_dict_state_gets_the_checkpoint_hint():
+    with pytest.raises(TypeError, match=r"restored without a target comes back as dicts"):
+        alrc().update(jnp.ones(2), alrc().init(jnp.ones(2))._asdict(), value=1.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "got"),
+    [
+        ("1.0", "str '1.0'"),
+        (b"1.0", "bytes b'1.0'"),
+        (object(), "object <object"),
+        (True, "dtype bool"),
+    ],
+    ids=["str", "bytes", "object", "bool"],
+)
+def test_a_value_that_is_not_a_number_names_value(value, got):
+    tx = alrc()
+    with pytest.raises(
+        TypeError, match=rf"alrc: value must be a real loss.*value=loss\)\), got {got}"
+    ):
+        tx.update(jnp.ones(2), tx.init(jnp.ones(2)), value=value)
 
 
 @pytest.mark.parametrize(

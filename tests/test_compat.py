@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from optax_logdamp import ALRCState, alrc, alrc_per_example, log_dampen, logadam
+from optax_logdamp import alrc, alrc_per_example, log_dampen, logadam
 
 PARAMS = {"w": jnp.ones((3, 2)), "b": jnp.zeros((2,), jnp.bfloat16)}
 
@@ -44,21 +44,41 @@ def test_eval_shape_of_init_matches_init(name):
 LOSS_CLIPPERS = ("alrc", "full", "paper")  # batch ALRC: it judges the loss of each call
 
 
+def assert_trees_close(actual, expected):
+    """Leaf by leaf, to the precision of the leaf's dtype (bfloat16: about 3 digits)."""
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        rtol = 1e-2 if a.dtype == jnp.bfloat16 else 1e-5
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), rtol)
+
+
 @pytest.mark.parametrize("name", [name for name in transforms() if name not in LOSS_CLIPPERS])
 def test_multi_steps_accumulates_and_forwards_the_loss(name):
+    """Every 3rd call applies the inner transform once, to the window's mean gradient and
+    with the last micro-step's value; the calls between emit zeros and keep the state."""
     inner = transforms()[name]
     tx = optax.MultiSteps(inner, every_k_schedule=3)
     state = tx.init(PARAMS)
     step = jax.jit(lambda g, s, v: tx.update(g, s, PARAMS, value=v))
+    expected_state = inner.init(PARAMS)
+    window_mean = optax.tree.zeros_like(PARAMS, jnp.float32)  # MultiSteps' accumulator
     for i in range(6):
         grads, loss = grads_and_loss(i)
         updates, state = step(grads, state, value_for(name, loss))
+        count = i % 3 + 1  # MultiSteps' running mean: m + (g - m) / count
+        window_mean = jax.tree.map(lambda g, m, n=count: m + (g - m) / n, grads, window_mean)
         if i % 3 != 2:
             for leaf in jax.tree.leaves(updates):
                 np.testing.assert_array_equal(np.asarray(leaf, np.float32), 0.0)
-    inner_steps = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, ALRCState))]
-    for alrc_state in (s for s in inner_steps if isinstance(s, ALRCState)):
-        assert int(alrc_state.num_steps) == 2  # the inner transform ran twice
+            continue
+        mean_grads = optax.tree.cast_like(window_mean, grads)
+        expected, expected_state = optax.with_extra_args_support(inner).update(
+            mean_grads, expected_state, PARAMS, value=value_for(name, loss)
+        )
+        assert all(bool(jnp.all(leaf != 0)) for leaf in jax.tree.leaves(updates))
+        assert_trees_close(updates, expected)
+        window_mean = optax.tree.zeros_like(PARAMS, jnp.float32)
+    assert int(state.gradient_step) == 2
+    assert_trees_close(state.inner_opt_state, expected_state)  # the inner state ran twice
 
 
 INSIDE_REFUSED = {

@@ -178,11 +178,26 @@ def test_transform_on_a_tree_keeps_structure_dtypes_and_empty_state():
     assert new_state == state
 
 
-def test_structure_mismatch_with_params_is_an_error():
+def test_structure_mismatch_with_params_is_an_error_that_names_both():
     tx = log_dampen()
     params = {"w": jnp.zeros(3)}
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match=r"updates\['w'\] has shape \(4,\), params\['w'\]"):
         tx.update({"w": jnp.zeros(4)}, tx.init(params), params)
+
+
+@pytest.mark.parametrize(
+    "tx", [log_dampen(), log_dampen("auto"), logadam(1e-3)], ids=["numeric", "auto", "logadam"]
+)
+def test_a_params_tree_unlike_the_updates_names_params_and_updates(tx):
+    params = [jnp.zeros(3), jnp.zeros(2)]
+    grads = {"w": jnp.zeros(3)}
+    with pytest.raises(
+        ValueError,
+        match=r"log_dampen.*: params must have the tree structure of updates.*"
+        r"updates has structure PyTreeDef\(\{'w': \*\}\), params has PyTreeDef\(\[\*, \*\]\)\."
+        r" Only in updates: \['w'\]\. Only in params: \[0\], \[1\]\.",
+    ):
+        tx.update(grads, tx.init(grads), params)
 
 
 def test_traced_scale_under_inject_hyperparams():

@@ -253,3 +253,30 @@ def test_state_structure_and_checkpoint_round_trip():
 def test_bad_arguments_name_themselves(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize(
+    "state",
+    [None, optax.EmptyState(), optax.adam(1e-3).init({"w": jnp.ones(3)})],
+    ids=["None", "EmptyState", "adam"],
+)
+def test_a_state_not_from_init_is_refused_with_the_fix(state):
+    tx = log_dampen("auto")
+    with pytest.raises(
+        TypeError,
+        match=r'log_dampen\("auto"\): state must be the LogDampenState that this transform\'s '
+        r"init returns, got .*opt_state = tx\.init\(params\)",
+    ):
+        tx.update({"w": jnp.ones(3)}, state)
+
+
+def test_a_state_initialised_for_another_tree_names_state_and_updates():
+    tx = log_dampen("auto")
+    state = tx.init({"w": jnp.ones(3), "b": jnp.ones(2)})
+    with pytest.raises(
+        ValueError,
+        match=r"state was initialised for a tree of another structure.*"
+        r"updates has structure PyTreeDef\(\{'w': \*\}\), state\.count has "
+        r"PyTreeDef\(\{'b': \*, 'w': \*\}\)\. Only in state\.count: \['b'\]\.",
+    ):
+        tx.update({"w": jnp.ones(3)}, state)

@@ -147,9 +147,27 @@ def test_works_inside_jit_and_returns_arrays():
         assert float(diagnostics[name]) == float(outside[name])
 
 
-def test_no_alrc_state_is_an_error():
-    with pytest.raises(ValueError, match="no ALRCState"):
-        alrc_diagnostics(optax.adam(1e-3).init(jnp.zeros(2)))
+@pytest.mark.parametrize(
+    "tx",
+    [optax.adam(1e-3), logadam(1e-3, dampen_scale="auto"), log_dampen()],
+    ids=["adam", "logadam_auto", "log_dampen"],
+)
+def test_no_alrc_state_gives_an_empty_dict(tx):
+    """A baseline without ALRC (toggled by a config) logs nothing, with no try/except."""
+    opt_state = tx.init(jnp.zeros(2))
+    assert alrc_diagnostics(opt_state) == {}
+    assert jax.jit(alrc_diagnostics)(opt_state) == {}
+    assert to_python_numbers(alrc_diagnostics(opt_state)) == {}
+
+
+def test_to_python_numbers_under_jit_says_to_call_it_outside():
+    state = run(alrc(), [1.0, 2.0])
+    with pytest.raises(
+        TypeError,
+        match=r"to_python_numbers: 'threshold' is a traced value.*Call it outside jit, on the "
+        r"returned state",
+    ):
+        jax.jit(lambda s: to_python_numbers(alrc_diagnostics(s)))(state)
 
 
 def test_to_python_numbers_gives_ints_and_shortest_float32_decimals():

@@ -1,4 +1,4 @@
-"""Smoke tests: the Flax examples train, clip the corrupted batches, and report.
+"""Smoke tests: the Flax and Equinox examples train, clip the bad batches, and report.
 
 Each example's ``main(argv)`` is what ``python examples/<script> ...`` runs; it is
 called in-process here (with few steps) to save the interpreter and JAX start-up.
@@ -47,3 +47,18 @@ def test_example_trains_and_logs_diagnostics(script, capsys):
     frames = [frame for frame in err.split("\r") if "clipped=" in frame]
     counts = [int(re.search(r"(\d+)/200", frame).group(1)) for frame in frames]
     assert counts and min(counts) >= 25 and counts == sorted(counts), counts
+
+
+def test_equinox_example_trains_and_guards_the_bad_batches(capsys):
+    example = load_example("equinox_lm.py")
+    assert "__main__" in (EXAMPLES / "equinox_lm.py").read_text()  # runnable as a script
+    numbers = example.main(["--steps", "60", "--bad-every", "25"])
+    out = capsys.readouterr().out
+    bad_steps = [line for line in out.splitlines() if "(bad batch)" in line]
+    assert [line.split()[1] for line in bad_steps] == ["25", "50"]
+    for line in bad_steps:  # the repeated-byte batch's gradient is cut, not applied
+        assert float(re.search(r"gradient scaled by ([\d.]+),", line).group(1)) < 0.5, line
+    assert 2 <= numbers["grad_norm/num_clipped"] <= 3  # the bad batches, hardly a clean one
+    before = float(re.search(r"held-out loss before training: ([\d.]+)", out).group(1))
+    assert numbers["held_out_loss"] < before - 2.0  # it learned: about 5.7 -> 2.9
+    assert f"held-out loss after 60 steps: {numbers['held_out_loss']:.3f}" in out

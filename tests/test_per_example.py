@@ -6,7 +6,14 @@ import numpy as np
 import optax
 import pytest
 
-from optax_logdamp import ALRCState, alrc_per_example, cap_losses, logadam
+from optax_logdamp import (
+    ALRCPerExampleState,
+    ALRCState,
+    alrc,
+    alrc_per_example,
+    cap_losses,
+    logadam,
+)
 
 DIM = 4
 
@@ -241,5 +248,83 @@ def test_cap_losses_finds_state_under_inject_hyperparams_and_multisteps():
 
 def test_cap_losses_needs_exactly_one_state():
     tx = optax.chain(alrc_per_example(), alrc_per_example())
-    with pytest.raises(ValueError, match="exactly one ALRCState"):
+    with pytest.raises(ValueError, match=r"exactly one ALRCPerExampleState.* found 2"):
         cap_losses(jnp.ones(3), tx.init(jnp.ones(2)))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: alrc(), lambda: optax.chain(alrc(), logadam(1e-3)), lambda: alrc(signal="both")],
+    ids=["alrc", "chain", "both"],
+)
+def test_cap_losses_refuses_the_state_of_batch_alrc(make):
+    """Batch ALRC's statistics are of batch means, fed in update: capping each example
+    at their threshold (and scaling the step again in update) is not per-example ALRC."""
+    opt_state = make().init(jnp.ones(2))
+    with pytest.raises(
+        ValueError,
+        match=r"cap_losses needs the state of alrc_per_example\(\).*holds only the state of "
+        r"batch alrc\(\)",
+    ):
+        cap_losses(jnp.ones(3), opt_state)
+    bare = opt_state if isinstance(opt_state, ALRCState) else None
+    if bare is not None:  # the state itself, not only an optimizer state that holds it
+        with pytest.raises(ValueError, match=r"holds only the state of batch alrc\(\)"):
+            cap_losses(jnp.ones(3), bare)
+
+
+def test_cap_losses_finds_the_per_example_state_next_to_a_batch_one():
+    tx = optax.chain(alrc(signal="grad_norm"), alrc(), alrc_per_example(mu1_init=1.0, mu2_init=2.0))
+    opt_state = tx.init(jnp.ones(2))
+    threshold = float(opt_state[2].threshold)
+    np.testing.assert_allclose(cap_losses(jnp.array([1.0, 1e6]), opt_state), [1.0, threshold])
+    assert type(opt_state[2]) is ALRCPerExampleState and type(opt_state[1]) is ALRCState
+
+
+def test_cap_losses_with_no_alrc_state_says_what_to_build():
+    with pytest.raises(ValueError, match=r"found no ALRCPerExampleState.*alrc_per_example\(\)"):
+        cap_losses(jnp.ones(3), optax.adam(1e-3).init(jnp.ones(2)))
+
+
+@pytest.mark.parametrize(
+    "value", [1.0, jnp.float32(2.0), jnp.ones(())], ids=["float", "float32", "0-d array"]
+)
+def test_a_scalar_value_is_refused_it_needs_per_example_losses(value):
+    tx = alrc_per_example()
+    with pytest.raises(
+        ValueError,
+        match=r"alrc_per_example expects value to be the per-example losses, shape \(batch,\) "
+        r"or \(batch, \.\.\.\), got a scalar.*use alrc\(\)",
+    ):
+        tx.update(jnp.ones(2), tx.init(jnp.ones(2)), value=value)
+
+
+@pytest.mark.parametrize(
+    "state",
+    [None, optax.EmptyState(), alrc().init(jnp.ones(2))],
+    ids=["None", "EmptyState", "batch_alrc"],
+)
+def test_a_state_not_from_init_is_refused_with_the_expected_type(state):
+    tx = alrc_per_example()
+    with pytest.raises(
+        TypeError,
+        match=r"alrc_per_example: state must be the ALRCPerExampleState that this transform's "
+        r"init returns.*tx\.init\(params\)",
+    ):
+        tx.update(jnp.ones(2), state, value=jnp.ones(3))
+
+
+def test_a_value_that_is_not_a_number_names_value():
+    tx = alrc_per_example()
+    with pytest.raises(TypeError, match=r"alrc_per_example: value must be a real loss"):
+        tx.update(jnp.ones(2), tx.init(jnp.ones(2)), value=["1.0", "2.0"])
+
+
+def test_the_state_is_an_alrc_state_of_its_own_type():
+    """Its own type is how cap_losses tells it from batch ALRC's, before any step."""
+    state = alrc_per_example().init(jnp.ones(2))
+    assert type(state) is ALRCPerExampleState and isinstance(state, ALRCState)
+    assert state._fields == ALRCState._fields  # the same fields: the same checkpoints
+    tx = optax.chain(alrc_per_example(), optax.sgd(0.1))
+    _, new_state = jax.jit(tx.update)(jnp.ones(2), tx.init(jnp.ones(2)), value=jnp.ones(3))
+    assert type(new_state[0]) is ALRCPerExampleState
