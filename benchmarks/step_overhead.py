@@ -18,7 +18,8 @@ Contenders: ``adam`` and ``adam (control)``, the same step twice, whose ratios s
 the noise floor of the run; ``logadam``; ``alrc+adam``; ``alrc+logadam``; per-example ALRC
 (``alrc_per_example`` + adam, fed a vector of per-example losses); the modes for
 transformer language models, ``alrc(grad_norm)+adam``, ``logadam(auto)`` and
-``alrc(grad_norm)+logadam(auto)``; and ``clip_by_global_norm+adam``.
+``alrc(grad_norm)+logadam(auto)``; ``spike_guard+adam``, ``clip_by_global_norm+adam`` and
+``logadamw``.
 ``naive_logdamp+adam`` is a reference row: the
 straightforward ``sign(g) * log1p(|g|)`` as an ``optax.stateless`` transform before
 Adam, the formulation this package's ``log_dampen`` replaces.
@@ -34,13 +35,19 @@ per-computation XLA option ``xla_cpu_prefer_vector_width=512`` (what a user gets
 backend otherwise asks LLVM for 256-bit vectors even on AVX-512 machines, which halves
 the throughput of the dampening arithmetic there.
 
+Layouts (``--layouts``): ``grid``, 300 tensors of (64, 64) (``--grid``), where compile
+time dominates; ``transformer``, a 12-layer GPT's unscanned tensors at each size;
+``mlp``, the blocks above. Every table gives the compile time next to the step time.
+
 Usage::
 
-  python benchmarks/step_overhead.py                      # 1M, 10M, 50M params
+  python benchmarks/step_overhead.py                      # grid, transformer at 10M
+  python benchmarks/step_overhead.py --full               # and 1M, 50M transformers
+  python benchmarks/step_overhead.py --layouts mlp --sizes 1e6,1e7,5e7
   python benchmarks/step_overhead.py --sizes 1e6,1e7 --steps 50
   python benchmarks/step_overhead.py --quick              # 1M only, a few seconds
   python benchmarks/step_overhead.py --cpu-vector-width 512   # AVX-512 CPUs
-  python benchmarks/step_overhead.py --sizes 1e6 --blocks 30  # 210 tensors: compile time
+  python benchmarks/step_overhead.py --layouts mlp --sizes 1e6 --blocks 30  # 210 tensors
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_logdamp import alrc, alrc_per_example, logadam
+from optax_logdamp import alrc, alrc_per_example, logadam, logadamw, spike_guard
 
 LEARNING_RATE = 1e-3
 NUM_EXAMPLES = 256  # length of the per-example loss vector
@@ -100,9 +107,11 @@ def contenders() -> list[Contender]:
             optax.chain(alrc(signal="grad_norm"), logadam(LEARNING_RATE, dampen_scale="auto")),
             "none",
         ),
+        Contender("spike_guard+adam", optax.chain(spike_guard(), adam), "none"),
         Contender(
             "clip_by_global_norm+adam", optax.chain(optax.clip_by_global_norm(1.0), adam), "none"
         ),
+        Contender("logadamw", logadamw(LEARNING_RATE), "none"),
         Contender("naive_logdamp+adam", optax.chain(naive_log_dampen(), adam), "none"),
     ]
 
@@ -134,6 +143,46 @@ def make_params(num_params: int, blocks: int = 1) -> dict[str, jax.Array]:
     if blocks > 1:
         shapes = {f"block{b}/{name}": s for b in range(blocks) for name, s in shapes.items()}
     return {name: jnp.zeros(shape, jnp.float32) for name, shape in shapes.items()}
+
+
+def make_grid_params(tensors: int = 300) -> dict[str, jax.Array]:
+    """``tensors`` float32 tensors of shape (64, 64): compile time against tensor count."""
+    return {f"t{i:03d}": jnp.zeros((64, 64), jnp.float32) for i in range(tensors)}
+
+
+def make_transformer_params(num_params: int, layers: int = 12) -> dict[str, jax.Array]:
+    """The unscanned tensors of a ``layers``-layer GPT with about ``num_params`` parameters.
+
+    Per layer: ln1 scale and bias, qkv ``(d, 3d)``, proj ``(d, d)``, ln2 scale and bias,
+    fc ``(d, 4d)``, out ``(4d, d)``; then a ``(2048, d)`` embedding, ``(512, d)``
+    positions and ln_f scale and bias: ``8 layers + 4`` tensors, ``d`` from the size.
+    """
+    vocab, context = 2048, 512
+    a, b = 12 * layers, vocab + context + 4 * layers + 2  # num_params = a d**2 + b d
+    d = max(1, int((-b + math.sqrt(b * b + 4 * a * num_params)) / (2 * a)))
+    shapes = {"embed": (vocab, d), "positions": (context, d), "ln_f/scale": (d,), "ln_f/bias": (d,)}
+    for layer in range(layers):
+        for name, shape in [
+            ("ln1/scale", (d,)),
+            ("ln1/bias", (d,)),
+            ("qkv", (d, 3 * d)),
+            ("proj", (d, d)),
+            ("ln2/scale", (d,)),
+            ("ln2/bias", (d,)),
+            ("fc", (d, 4 * d)),
+            ("out", (4 * d, d)),
+        ]:
+            shapes[f"layer{layer:02d}/{name}"] = shape
+    return {name: jnp.zeros(shape, jnp.float32) for name, shape in shapes.items()}
+
+
+def make_layout(layout: str, num_params: int, blocks: int, grid: int) -> dict[str, jax.Array]:
+    """The parameters of one layout: ``mlp`` (``--blocks``), ``grid`` or ``transformer``."""
+    if layout == "grid":
+        return make_grid_params(grid)
+    if layout == "transformer":
+        return make_transformer_params(num_params)
+    return make_params(num_params, blocks)
 
 
 def make_grads(params: dict[str, jax.Array], seed: int = 0) -> dict[str, jax.Array]:
@@ -215,9 +264,11 @@ def benchmark_size(
     names: Sequence[str] | None,
     compiler_options: dict[str, Any] | None = None,
     blocks: int = 1,
+    layout: str = "mlp",
+    grid: int = 300,
 ):
-    """Runs every contender at one size; returns (actual parameter count, rows)."""
-    params = make_params(num_params, blocks)
+    """Runs every contender at one size; returns (parameter count, tensor count, rows)."""
+    params = make_layout(layout, num_params, blocks, grid)
     grads = make_grads(params)
     chosen = [
         c for c in contenders() if names is None or c.name in names or c.name.startswith("adam")
@@ -249,7 +300,7 @@ def benchmark_size(
             }
         )
         runner.release()
-    return n, rows
+    return n, len(params), rows
 
 
 def machine_line() -> str:
@@ -262,10 +313,11 @@ def machine_line() -> str:
     )
 
 
-def format_table(n: int, rows: Sequence[dict], steps: int, tensors: int) -> str:
+def format_table(n: int, rows: Sequence[dict], steps: int, tensors: int, layout: str) -> str:
     """A markdown table for one size."""
     lines = [
-        f"\n### {n / 1e6:.2f}M parameters in {tensors} tensors ({steps} timed steps, median)\n",
+        f"\n### {layout}: {n / 1e6:.2f}M parameters in {tensors} tensors "
+        f"({steps} timed steps, median)\n",
         "| contender | ms/step | x adam | paired | min ms | compile s | state bytes "
         "| extra bytes | GB/s vs 28N B |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -282,7 +334,15 @@ def format_table(n: int, rows: Sequence[dict], steps: int, tensors: int) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="1e6,1e7,5e7", help="comma-separated param counts")
+    parser.add_argument("--sizes", default="1e7", help="comma-separated param counts")
+    parser.add_argument(
+        "--layouts",
+        default="grid,transformer",
+        help="comma-separated: grid (--grid tensors of (64, 64), whatever the size), "
+        "transformer (12 layers, unscanned), mlp (--blocks blocks of 7 tensors)",
+    )
+    parser.add_argument("--grid", type=int, default=300, help="tensors of the grid layout")
+    parser.add_argument("--full", action="store_true", help="sizes 1M, 10M and 50M")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per contender")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per contender")
     parser.add_argument("--only", default=None, help="comma-separated contenders (+ adams)")
@@ -304,8 +364,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.blocks < 1:
         parser.error(f"--blocks must be at least 1, got {args.blocks}")
+    args.layouts = args.layouts.split(",")
+    unknown = set(args.layouts) - {"grid", "transformer", "mlp"}
+    if unknown:
+        parser.error(f"--layouts: unknown {sorted(unknown)}; choose grid, transformer, mlp")
+    if args.full:
+        args.sizes = "1e6,1e7,5e7"
     if args.quick:
-        args.sizes, args.steps, args.warmup = "1e6", 20, 3
+        args.sizes, args.steps, args.warmup, args.layouts = "1e6", 20, 3, ["mlp"]
     return args
 
 
@@ -322,11 +388,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"compiler_options={compiler_options} (every step, Adam included)")
     if jax.default_backend() != "cpu":
         print("(accelerator path: written for GPU, not yet run on one)")
-    for size in sizes:
-        n, rows = benchmark_size(
-            size, args.steps, args.warmup, names, compiler_options, args.blocks
-        )
-        print(format_table(n, rows, args.steps, 7 * args.blocks), flush=True)
+    for layout in args.layouts:
+        for size in sizes[:1] if layout == "grid" else sizes:  # the grid has one size
+            n, tensors, rows = benchmark_size(
+                size,
+                args.steps,
+                args.warmup,
+                names,
+                compiler_options,
+                args.blocks,
+                layout,
+                args.grid,
+            )
+            print(format_table(n, rows, args.steps, tensors, layout), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,20 @@ CONTENDERS = [
     "alrc+logadam",
     "alrc_per_example+adam",
     "clip_by_global_norm+adam",
+    "spike_guard+adam",
+    "logadamw",
 ]
 
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["--cpu-vector-width", "512"], ["--blocks", "3"]],
-    ids=["default", "wide", "deep"],
+    [
+        ["--layouts", "mlp"],
+        ["--layouts", "mlp", "--cpu-vector-width", "512"],
+        ["--layouts", "mlp", "--blocks", "3"],
+        ["--layouts", "grid,transformer", "--grid", "4"],
+    ],
+    ids=["default", "wide", "deep", "layouts"],
 )
 def test_step_overhead_prints_a_row_per_contender(extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
@@ -42,8 +49,12 @@ def test_step_overhead_prints_a_row_per_contender(extra):
     )
     assert (wide_header in lines) == ("--cpu-vector-width" in extra), result.stdout
     assert any(line.startswith("| contender | ms/step | x adam") for line in lines), result.stdout
-    tensors = 21 if "--blocks" in extra else 7
-    assert any(f"parameters in {tensors} tensors" in line for line in lines), result.stdout
+    if "grid,transformer" in extra:
+        assert any("grid: 0.02M parameters in 4 tensors" in line for line in lines), result.stdout
+        assert any("transformer:" in line and "in 100 tensors" in line for line in lines)
+    else:
+        tensors = 21 if "--blocks" in extra else 7
+        assert any(f"mlp: {0.02:.2f}M parameters in {tensors} tensors" in line for line in lines)
     rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ")}
     for name in CONTENDERS:
         assert name in rows, f"no row for {name}:\n{result.stdout}"
@@ -55,10 +66,15 @@ def test_step_overhead_prints_a_row_per_contender(extra):
         cells = [cell.strip() for cell in rows[name].split("|")[1:-1]]
         assert float(cells[1]) > 0 and float(cells[5]) > 0  # ms/step, compile seconds
         assert float(cells[3]) > 0  # paired ratio
-    # Every contender's state is Adam's plus O(1) scalars.
+    # The last table: state Adam's plus O(1) scalars (ALRC's 36 bytes, 8 per tensor).
+    tensors = int(
+        next(line for line in reversed(lines) if "parameters in" in line)
+        .split(" in ")[1]
+        .split()[0]
+    )
     for name in CONTENDERS:
         extra = int(rows[name].split("|")[8].strip().replace(",", ""))
-        assert 0 <= extra <= 64, rows[name]
+        assert 0 <= extra <= 64 + 8 * tensors, rows[name]
 
 
 def test_step_overhead_refuses_fewer_than_one_block():
