@@ -8,19 +8,20 @@ Each step is compiled ahead of time (compile time reported), warmed up, then tim
 with ``jax.block_until_ready``. The contenders are interleaved round-robin in one
 process, in a rotating order, so that machine noise hits all of them alike; the table
 gives the median ms/step and its ratio to ``optax.adam``: to the faster of the two
-identical Adam runners (``adam`` and ``adam (control)``), since on a shared machine
+identical Adam runners (``base`` and ``base (control)``), since on a shared machine
 two runners of the same step can differ by 10-25 % (buffer placement), and the faster
 one is the conservative reference for an overhead. ``paired`` is steadier against
 drifting load: the median over rounds of the contender's time in that round divided by
 the faster Adam runner's time in the same round.
 
-Contenders: ``adam`` and ``adam (control)``, the same step twice, whose ratios show
-the noise floor of the run; ``logadam``; ``alrc+adam``; ``alrc+logadam``; per-example ALRC
-(``alrc_per_example`` + adam, fed a vector of per-example losses); the modes for
-transformer language models, ``alrc(grad_norm)+adam``, ``logadam(auto)`` and
-``alrc(grad_norm)+logadam(auto)``; ``spike_guard+adam``, ``clip_by_global_norm+adam`` and
-``logadamw``.
-``naive_logdamp+adam`` is a reference row: the
+Contenders, by their names in ``contenders.py`` (each in front of Adam): ``base`` and
+``base (control)``, the Adam step twice, whose ratios show the noise floor of the run;
+``log_dampen`` (that is ``logadam``); ``alrc``; ``alrc + log_dampen``; per-example ALRC
+(``alrc_per_example``, fed a vector of per-example losses); ``alrc(grad_norm)``;
+``log_dampen(auto)`` (``logadam(dampen_scale="auto")``); the former recommended chain
+``alrc(grad_norm) + log_dampen(auto)``; ``spike_guard``; ``tuned clip``
+(``clip_by_global_norm(1.0)``, the reference for ``spike_guard``).
+``naive log1p`` is a reference row: the
 straightforward ``sign(g) * log1p(|g|)`` as an ``optax.stateless`` transform before
 Adam, the formulation this package's ``log_dampen`` replaces.
 
@@ -66,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_logdamp import alrc, alrc_per_example, logadam, logadamw, spike_guard
+from contenders import Base, build, contender
 
 LEARNING_RATE = 1e-3
 NUM_EXAMPLES = 256  # length of the per-example loss vector
@@ -90,30 +91,37 @@ def _naive_leaf(g: jax.Array) -> jax.Array:
     return jnp.sign(g) * jnp.log1p(jnp.abs(g))
 
 
+# The registry names (``contenders.py``) raced here, with plain Adam as the base; every one
+# is given the scalar loss as ``value`` (per-example ALRC: a vector), which the
+# transforms that do not read it ignore. Two rows are measurements, not contenders:
+# ``base (control)``, the same Adam step again, and ``naive log1p``.
+RACED = (
+    "log_dampen",
+    "alrc",
+    "alrc + log_dampen",
+    "alrc_per_example",
+    "alrc(grad_norm)",
+    "log_dampen(auto)",
+    "alrc(grad_norm) + log_dampen(auto)",
+    "spike_guard",
+    "tuned clip",  # clip_by_global_norm(1.0): the cost does not depend on the threshold
+)
+MEASUREMENTS = ("base (control)", "naive log1p")
+
+
 def contenders() -> list[Contender]:
     """The transforms compared; the two Adam runners first (the reference)."""
-    adam = optax.adam(LEARNING_RATE)
-    return [
-        Contender("adam", adam, "none"),
-        Contender("adam (control)", optax.adam(LEARNING_RATE), "none"),
-        Contender("logadam", logadam(LEARNING_RATE), "none"),
-        Contender("alrc+adam", optax.chain(alrc(), adam), "scalar"),
-        Contender("alrc+logadam", optax.chain(alrc(), logadam(LEARNING_RATE)), "scalar"),
-        Contender("alrc_per_example+adam", optax.chain(alrc_per_example(), adam), "vector"),
-        Contender("alrc(grad_norm)+adam", optax.chain(alrc(signal="grad_norm"), adam), "none"),
-        Contender("logadam(auto)", logadam(LEARNING_RATE, dampen_scale="auto"), "none"),
-        Contender(
-            "alrc(grad_norm)+logadam(auto)",
-            optax.chain(alrc(signal="grad_norm"), logadam(LEARNING_RATE, dampen_scale="auto")),
-            "none",
-        ),
-        Contender("spike_guard+adam", optax.chain(spike_guard(), adam), "none"),
-        Contender(
-            "clip_by_global_norm+adam", optax.chain(optax.clip_by_global_norm(1.0), adam), "none"
-        ),
-        Contender("logadamw", logadamw(LEARNING_RATE), "none"),
-        Contender("naive_logdamp+adam", optax.chain(naive_log_dampen(), adam), "none"),
+    base = Base(LEARNING_RATE)
+    rows = [
+        Contender("base", build("base", base), "scalar"),
+        Contender("base (control)", build("base", base), "scalar"),
     ]
+    for name in RACED:
+        kind = "vector" if contender(name).per_example else "scalar"
+        rows.append(Contender(name, build(name, base, hyper=1.0), kind))
+    naive = optax.chain(naive_log_dampen(), optax.adam(LEARNING_RATE))
+    rows.append(Contender("naive log1p", optax.with_extra_args_support(naive), "scalar"))
+    return rows
 
 
 def make_params(num_params: int, blocks: int = 1) -> dict[str, jax.Array]:
@@ -271,13 +279,13 @@ def benchmark_size(
     params = make_layout(layout, num_params, blocks, grid)
     grads = make_grads(params)
     chosen = [
-        c for c in contenders() if names is None or c.name in names or c.name.startswith("adam")
+        c for c in contenders() if names is None or c.name in names or c.name.startswith("base")
     ]
     runners = [Runner(c, params, grads, compiler_options) for c in chosen]
     race(runners, steps, warmup)
     n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     adam = runners[0]
-    adams = [r for r in runners if r.name.startswith("adam")]
+    adams = [r for r in runners if r.name.startswith("base")]
     adam_ms = min(statistics.median(r.times) for r in adams) * 1e3
     adam_per_round = [min(times) for times in zip(*(r.times for r in adams), strict=True)]
     rows = []
