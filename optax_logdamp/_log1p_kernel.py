@@ -244,8 +244,9 @@ def dampen_magnitude(
     if concrete_scale is not None and concrete_scale >= 1.0:
         x, overflow, log_scale = ratio, None, 0.0
     else:
-        # inf, or NaN from inf + (-inf) in the hi + lo product of a tiny scale.
-        overflow = ~(ratio < jnp.inf) & (magnitude < jnp.inf)
+        # inf, NaN from inf + (-inf) in the hi + lo product of a tiny scale, or -inf
+        # where XLA fuses m * hi + m * lo into one expression (seen under jit).
+        overflow = ~((ratio >= 0) & (ratio < jnp.inf)) & (magnitude < jnp.inf)
         x = jnp.where(overflow, magnitude, ratio)
         log_scale = math.log(concrete_scale) if concrete_scale is not None else jnp.log(scale)
         log_scale = jnp.where(overflow, log_scale, 0.0)
@@ -263,7 +264,8 @@ def dampen_magnitude(
         # Below sqrt(2) - 1, m + s * (log1p(r) - r) does not carry the two roundings
         # of r = m * (1 / s) into the result (nor a flush of a subnormal r to zero).
         near_identity = magnitude + scale * parts.delta
-        out = jnp.where(ratio < _SQRT2_MINUS_1, jnp.minimum(near_identity, magnitude), out)
+        small = (ratio >= 0) & (ratio < _SQRT2_MINUS_1)  # not the -inf of a fused overflow
+        out = jnp.where(small, jnp.minimum(near_identity, magnitude), out)
     return out
 
 

@@ -74,6 +74,16 @@ def test_huge_magnitudes_with_small_scale_stay_finite_and_accurate():
         assert np.max(_ulp_error(got, _reference(g, scale))) <= MAX_ULP
 
 
+def test_huge_magnitudes_with_small_scale_stay_finite_under_jit():
+    # Under jit XLA fused m * hi + m * lo into -inf for these (the eager path gave a
+    # finite +inf test); the result was NaN before the overflow test covered -inf.
+    g = jnp.full(64, 2.2e38, jnp.float32)
+    for scale in [7.1e-9, 1e-3, 1e-20]:
+        got = np.asarray(jax.jit(lambda g, scale=scale: dampen(g, scale))(g))
+        assert np.all(np.isfinite(got)), scale
+        assert np.max(_ulp_error(got, _reference(np.asarray(g), scale))) <= MAX_ULP
+
+
 def test_half_precision_rounds_the_float32_result_once():
     g = np.float32(np.random.default_rng(1).standard_normal(4096) * 100.0)
     for dtype in [jnp.bfloat16, jnp.float16]:
