@@ -233,7 +233,8 @@ class Recipe:
     Attributes:
       name: ``standard`` or ``adam``.
       title: how the report names it.
-      peak_lr: the peak learning rate (the standard recipe's is swept with ``--full``).
+      peak_lr: the peak learning rate (the standard recipe's is swept with ``--full``;
+        1e-2 is what that sweep chose, over 3 seeds of 1500 steps).
       peak_sweep: the peak rates of that sweep (empty: not swept).
       clip_sweep: thresholds swept for the ``tuned clip`` contender (empty: none).
     """
@@ -272,7 +273,7 @@ class Recipe:
 
 RECIPES = {
     "standard": Recipe(
-        "standard", "the standard recipe", 3e-3, peak_sweep=(1e-3, 3e-3, 1e-2, 3e-2)
+        "standard", "the standard recipe", 1e-2, peak_sweep=(1e-3, 3e-3, 1e-2, 3e-2)
     ),
     "adam": Recipe("adam", "plain Adam", 1e-3, clip_sweep=(0.1, 0.3, 1.0, 3.0)),
 }

@@ -72,10 +72,10 @@ def test_section_extraction_stops_at_the_next_section():
     assert "Installation" not in readme_sections()  # bash blocks only
 
 
-def test_usage_is_the_recommended_chain():
+def test_usage_puts_spike_guard_in_front_of_the_standard_recipe():
     (usage,) = section_code("Usage")
-    chain = 'optax.chain(alrc(signal="grad_norm"), logadam(1e-3, dampen_scale="auto"))'
-    assert chain in usage
+    assert "    spike_guard(),\n    optax.clip_by_global_norm(1.0),\n    optax.adamw(" in usage
+    assert "from optax_logdamp import spike_guard" in usage
 
 
 def setup_commands() -> list[str]:
