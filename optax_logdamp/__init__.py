@@ -1,10 +1,16 @@
 """optax_logdamp: spike-proof training for JAX, as composable Optax transforms.
 
+The recommended defence goes in front of the optimizer you already have::
+
+  tx = optax.chain(spike_guard(), optax.clip_by_global_norm(1.0), optax.adamw(schedule))
+
+- :func:`spike_guard`: the recommended defence, one front transform for any optimizer:
+  gradient-norm ALRC, then the automatic dampening knee.
 - :func:`log_dampen`: every gradient element ``g`` becomes ``s*sign(g)*log1p(|g|/s)``.
 - :func:`alrc`: adaptive learning rate clipping of the loss or the gradient norm
   (Ede & Beanland).
 - :func:`alrc_per_example` and :func:`cap_losses`: ALRC applied to each example.
-- :func:`logadam`: log dampening chained into Adam.
+- :func:`logadam` and :func:`logadamw`: log dampening chained into Adam and AdamW.
 - :func:`alrc_diagnostics`: the ALRC statistics of an optimizer state, for logging,
   and :func:`to_python_numbers` to print or log them as plain numbers.
 """

@@ -84,14 +84,11 @@ def spike_guard(
       u \leftarrow \operatorname{sign}(u)\, \phi_{s_T}(f |u|), \qquad
       \phi_s(m) = \begin{cases} m & m \le s \\ s (1 + \log(m / s)) & m > s \end{cases}
 
-    The knee's statistic of the capped update comes from the raw one,
-    :math:`\log\operatorname{mean}_T((f u)^2) = 2 \log f + \log\operatorname{mean}_T(u^2)`,
-    so one sum of squares per tensor serves both. Non-finite input zeroes the step and
+    One sum of squares per tensor serves both (the knee's statistic of the capped update
+    is :math:`2 \log f` plus that of the raw one). Non-finite input zeroes the step and
     leaves every statistic unchanged. ``exponent=1, curve="log1p"`` is
-    ``optax.chain(alrc(signal="grad_norm"), log_dampen("auto"))`` (ALRC's statistics bit
-    for bit; the knees' log mean squares within a few ulp, since the chain squares the
-    rounded capped updates). Why these defaults, with the numbers: the guide's
-    "Choosing a defence" page.
+    ``optax.chain(alrc(signal="grad_norm"), log_dampen("auto"))``, to a few ulp of the
+    knees' statistics. Why these defaults, with the numbers: :doc:`the guide </guide/choosing>`.
 
     Args:
       num_stddev: :math:`n > 0`, how many standard deviations above the mean to cap.
