@@ -1037,13 +1037,13 @@ def run_benchmark(
         s: np.stack([seed_streams(seed, steps, n_train, SCENARIOS[s])["bad"] for seed in seeds])
         for s in SCENARIOS
     }
-    report = format_report(
+    measured = Measured(
         results,
         timings,
         names,
         recipe,
         steps,
-        seeds,
+        list(seeds),
         corpus,
         heldout_windows,
         streams,
@@ -1054,6 +1054,7 @@ def run_benchmark(
         command,
         elapsed,
     )
+    report = format_report(measured)
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"lm_{recipe_name}")
     with open(f"{stem}.md", "w") as f:
@@ -1071,24 +1072,45 @@ def run_benchmark(
     return results
 
 
-def format_report(
-    results,
-    timings,
-    names,
-    recipe,
-    steps,
-    seeds,
-    corpus,
-    heldout_windows,
-    streams,
-    loss_at_init,
-    peak_sweep,
-    clip_sweep,
-    threshold,
-    command,
-    elapsed,
-) -> str:
+class Measured(NamedTuple):
+    """Everything a report is written from: the runs' results and how they were made."""
+
+    results: dict  # {(contender, scenario): RunResult over seeds}
+    timings: dict  # {contender: Timing}
+    names: list  # contenders, in the plan's order
+    recipe: Recipe  # with the peak rate that was used
+    steps: int
+    seeds: list
+    corpus: Corpus
+    heldout_windows: int
+    streams: dict  # {scenario: bad-step masks, (seeds, steps)}
+    loss_at_init: np.ndarray  # per seed
+    peak_sweep: dict | None  # {peak rate: clean loss}, if swept
+    clip_sweep: dict | None  # {threshold: clean loss}, if swept
+    threshold: float  # the tuned clip's
+    command: str
+    elapsed: float  # seconds
+
+
+def format_report(measured: Measured) -> str:
     """The Markdown report; every number in it comes from ``results`` and ``timings``."""
+    (
+        results,
+        timings,
+        names,
+        recipe,
+        steps,
+        seeds,
+        corpus,
+        heldout_windows,
+        streams,
+        loss_at_init,
+        peak_sweep,
+        clip_sweep,
+        threshold,
+        command,
+        elapsed,
+    ) = measured
     num_bad = int(streams["repeated_byte"][0].sum())
     seeds_text = f"{len(seeds)} seeds" if len(seeds) > 1 else "1 seed (no spread to show)"
     present = lambda group: [s for s in group if any((n, s) in results for n in names)]  # noqa: E731
