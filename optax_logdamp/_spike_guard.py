@@ -35,6 +35,7 @@ from optax_logdamp._validation import (
     check_open_unit_interval,
     check_params_match,
     check_positive,
+    check_state_type,
 )
 
 
@@ -156,6 +157,7 @@ def spike_guard(
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         del extra_args
         check_params_match("spike_guard", updates, params)
+        check_state_type("spike_guard", state, SpikeGuardState)
         check_inexact_leaves("spike_guard", updates)
         leaves, treedef = jax.tree.flatten(updates)
         sums = [sum_of_squares(g) for g in leaves]  # once, for the norm and the knees

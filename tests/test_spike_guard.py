@@ -330,3 +330,15 @@ def test_integer_updates_are_refused_naming_the_leaf():
     tx = spike_guard()
     with pytest.raises(TypeError, match=r"updates\['step'\]"):
         tx.update(params, tx.init(params), params)
+
+
+@pytest.mark.parametrize("state", [None, optax.EmptyState(), (), "adam"])
+def test_a_state_not_from_init_names_the_state_and_the_fix(state):
+    tx = spike_guard()
+    params = {"w": jnp.ones(3)}
+    if state == "adam":
+        state = optax.adam(1e-3).init(params)
+    with pytest.raises(
+        TypeError, match=r"spike_guard: state must be the SpikeGuardState.*tx\.init"
+    ):
+        tx.update(params, state, params)
