@@ -208,6 +208,24 @@ def _is_power_of_two(value: float) -> bool:
     return math.frexp(value)[0] == 0.5
 
 
+def _guard_overflow(ratio, magnitude, scale, concrete_scale):
+    """``(x, overflow, log_scale)``: the ratio, or the magnitude where the ratio overflowed.
+
+    ``ratio`` is a magnitude divided by ``scale`` (:func:`_ratio`). It overflows only for a
+    scale below 1 and a magnitude within a factor ``scale`` of the largest float: to
+    ``inf``, to NaN (``inf + -inf`` in the two-term product of a tiny scale) or to
+    ``-inf`` (XLA fusing ``m * hi + m * lo``, seen under ``jit``). There the caller takes
+    ``log(m) - log(s)`` instead: ``x`` is ``m``, ``overflow`` says where (for
+    :func:`_log1p_f32`'s ``take_log``) and ``log_scale`` is ``log(s)`` there, 0 elsewhere.
+    The guard is left out of the compiled step when the scale is a concrete number ``>= 1``.
+    """
+    if concrete_scale is not None and concrete_scale >= 1.0:
+        return ratio, None, 0.0
+    overflow = ~((ratio >= 0.0) & (ratio < jnp.inf)) & (magnitude < jnp.inf)
+    log_scale = math.log(concrete_scale) if concrete_scale is not None else jnp.log(scale)
+    return jnp.where(overflow, magnitude, ratio), overflow, jnp.where(overflow, log_scale, 0.0)
+
+
 def dampen_magnitude(
     magnitude: jax.Array, scale: jax.Array | float, *, power_of_two: bool = False
 ) -> jax.Array:
@@ -241,15 +259,7 @@ def dampen_magnitude(
         ratio = magnitude * (1.0 / scale)  # the reciprocal of a power of two is exact
     else:
         ratio = _ratio(magnitude, scale, concrete_scale)
-    if concrete_scale is not None and concrete_scale >= 1.0:
-        x, overflow, log_scale = ratio, None, 0.0
-    else:
-        # inf, NaN from inf + (-inf) in the hi + lo product of a tiny scale, or -inf
-        # where XLA fuses m * hi + m * lo into one expression (seen under jit).
-        overflow = ~((ratio >= 0) & (ratio < jnp.inf)) & (magnitude < jnp.inf)
-        x = jnp.where(overflow, magnitude, ratio)
-        log_scale = math.log(concrete_scale) if concrete_scale is not None else jnp.log(scale)
-        log_scale = jnp.where(overflow, log_scale, 0.0)
+    x, overflow, log_scale = _guard_overflow(ratio, magnitude, scale, concrete_scale)
     parts = _log1p_f32(x, overflow)
     if exact:
         out = scale * (parts.rounded() - log_scale)  # exact scaling: one rounding
@@ -329,14 +339,7 @@ def linlog_magnitude(
         x = excess * (1.0 / scale)  # the reciprocal of a power of two is exact
     else:
         x = _ratio(excess, scale, concrete_scale)
-    if concrete_scale is not None and concrete_scale >= 1.0:
-        overflow, log_scale = None, 0.0  # (m - s) / s <= m cannot overflow
-    else:
-        # inf, -inf or NaN: m * lo can overflow too, and XLA may fuse the two products.
-        overflow = ~((x >= 0.0) & (x < jnp.inf)) & (magnitude < jnp.inf)
-        x = jnp.where(overflow, magnitude, x)
-        log_scale = math.log(concrete_scale) if concrete_scale is not None else jnp.log(scale)
-        log_scale = jnp.where(overflow, log_scale, 0.0)
+    x, overflow, log_scale = _guard_overflow(x, magnitude, scale, concrete_scale)
     parts = _log1p_f32(x, overflow)
     head, tail = parts.split()  # log(m / s) = head + tail - log_scale, head >= 0
     big, small = jnp.maximum(head, 1.0), jnp.minimum(head, 1.0)
