@@ -126,6 +126,7 @@ def _spike_guard(**kwargs: Any) -> Callable[[], optax.GradientTransformation]:
 _ALRC_NORM = lambda: old.alrc(signal="grad_norm")  # noqa: E731
 _ALRC_BOTH = lambda: old.alrc(signal="both")  # noqa: E731
 _AUTO = lambda: old.log_dampen("auto")  # noqa: E731
+_AUTO_LOG1P = lambda: old.log_dampen("auto", curve="log1p")  # noqa: E731  (0.1's auto curve)
 
 _ENTRIES: tuple[Contender, ...] = (
     Contender("base", lambda base, hyper: base.recipe()),
@@ -137,11 +138,13 @@ _ENTRIES: tuple[Contender, ...] = (
     ),
     # This package's defences in front of the recipe (its clip kept).
     Contender("spike_guard", _front(_spike_guard())),
-    Contender("alrc(grad_norm) + log_dampen(auto)", _front(_ALRC_NORM, _AUTO)),
+    # The recommendation before spike_guard; its knee on log1p, "auto"'s curve in 0.1.
+    Contender("alrc(grad_norm) + log_dampen(auto, log1p)", _front(_ALRC_NORM, _AUTO_LOG1P)),
     Contender("alrc(grad_norm)", _front(_ALRC_NORM)),
     Contender("alrc(both)", _front(_ALRC_BOTH)),
     Contender("alrc(both) + log_dampen(auto)", _front(_ALRC_BOTH, _AUTO)),
     Contender("log_dampen(auto)", _front(_AUTO)),
+    Contender("log_dampen(auto, log1p)", _front(_AUTO_LOG1P)),
     Contender("alrc", _front(old.alrc)),
     Contender("log_dampen", _front(old.log_dampen)),
     Contender("alrc + log_dampen", _front(old.alrc, old.log_dampen)),

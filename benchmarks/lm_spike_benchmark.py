@@ -331,7 +331,7 @@ PLANS: dict[str, dict[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {
             ("spike_guard", ALL),
             *((name, CORE) for name in ANCHORS),
             ("base (no clip)", BAD),
-            ("alrc(grad_norm) + log_dampen(auto)", CORE),
+            ("alrc(grad_norm) + log_dampen(auto, log1p)", CORE),
             ("spike_guard (no clip)", BAD),
         ),
         "quick": (
@@ -339,7 +339,7 @@ PLANS: dict[str, dict[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {
             ("spike_guard", ALL),
             *((name, CORE) for name in ANCHORS),
             ("base (no clip)", BAD),
-            ("alrc(grad_norm) + log_dampen(auto)", CORE),
+            ("alrc(grad_norm) + log_dampen(auto, log1p)", CORE),
         ),
     },
     "adam": {
@@ -348,7 +348,8 @@ PLANS: dict[str, dict[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {
             ("tuned clip", CORE),
             ("spike_guard", CORE),
             ("log_dampen(auto)", CORE),
-            ("alrc(grad_norm) + log_dampen(auto)", CORE),
+            ("log_dampen(auto, log1p)", CORE),
+            ("alrc(grad_norm) + log_dampen(auto, log1p)", CORE),
             ("alrc(grad_norm)", CORE),
             ("alrc + log_dampen", CORE),
             *((name, CORE) for name in ANCHORS),

@@ -19,7 +19,7 @@ Contenders, by their names in ``contenders.py`` (each in front of Adam): ``base`
 ``log_dampen`` (that is ``logadam``); ``alrc``; ``alrc + log_dampen``; per-example ALRC
 (``alrc_per_example``, fed a vector of per-example losses); ``alrc(grad_norm)``;
 ``log_dampen(auto)`` (``logadam(dampen_scale="auto")``); the former recommended chain
-``alrc(grad_norm) + log_dampen(auto)``; ``spike_guard``; ``tuned clip``
+``alrc(grad_norm) + log_dampen(auto, log1p)``; ``spike_guard``; ``tuned clip``
 (``clip_by_global_norm(1.0)``, the reference for ``spike_guard``).
 ``naive log1p`` is a reference row: the
 straightforward ``sign(g) * log1p(|g|)`` as an ``optax.stateless`` transform before
@@ -102,7 +102,7 @@ RACED = (
     "alrc_per_example",
     "alrc(grad_norm)",
     "log_dampen(auto)",
-    "alrc(grad_norm) + log_dampen(auto)",
+    "alrc(grad_norm) + log_dampen(auto, log1p)",
     "spike_guard",
     "tuned clip",  # clip_by_global_norm(1.0): the cost does not depend on the threshold
 )

@@ -23,7 +23,7 @@ def logadam(
     dampen_scale: chex.Numeric | Literal["auto"] = 1.0,
     mu_dtype: jnp.dtype | None = None,
     nesterov: bool = False,
-    dampen_curve: Curve = "log1p",
+    dampen_curve: Curve | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam on log-dampened gradients (the "LogAdam" optimizer).
 
@@ -53,7 +53,8 @@ def logadam(
       mu_dtype: dtype of the first moment (``None``: that of the parameters).
       nesterov: whether to use Nesterov momentum (NAdam).
       dampen_curve: the dampening curve, ``"log1p"`` or ``"linlog"`` (the identity up
-        to the knee; see :func:`log_dampen`).
+        to the knee); None: ``"log1p"`` with a numeric knee, ``"linlog"`` with
+        ``"auto"`` (see :func:`log_dampen`).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -109,7 +110,7 @@ def logadamw(
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
     dampen_scale: chex.Numeric | Literal["auto"] = 1.0,
-    dampen_curve: Curve = "log1p",
+    dampen_curve: Curve | None = None,
     mu_dtype: jnp.dtype | None = None,
     nesterov: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -143,7 +144,7 @@ def logadamw(
         of it), or a function of the params that returns one; ``None``: all.
       dampen_scale: the knee :math:`s > 0` of the dampening, or ``"auto"`` (a knee per
         tensor that follows its running RMS; see :func:`log_dampen`).
-      dampen_curve: ``"log1p"`` or ``"linlog"`` (see :func:`logadam`).
+      dampen_curve: ``"log1p"``, ``"linlog"`` or None (see :func:`logadam`).
       mu_dtype: dtype of the first moment (``None``: that of the parameters).
       nesterov: whether to use Nesterov momentum (NAdamW).
 

@@ -50,13 +50,27 @@ CURVES = ("log1p", "linlog")
 Curve = Literal["log1p", "linlog"]
 
 
-def _check_curve(curve: str, name: str = "curve") -> None:
-    """Refuses a dampening curve other than ``"log1p"`` (the seed's) or ``"linlog"``."""
-    if curve not in CURVES:
+def _check_curve(curve: str | None, name: str = "curve") -> None:
+    """Refuses a dampening curve other than ``"log1p"`` (the seed's), ``"linlog"`` or None."""
+    if curve is not None and curve not in CURVES:
         raise ValueError(
             f'{name} must be one of {CURVES} ("log1p": s*log1p(|g|/s), the seed\'s; "linlog": '
-            f"the identity up to the knee s, s*(1 + log(|g|/s)) above), got {curve!r}."
+            f"the identity up to the knee s, s*(1 + log(|g|/s)) above) or None (linlog with "
+            f'"auto", log1p with a number), got {curve!r}.'
         )
+
+
+def default_curve(scale: chex.Numeric | str, curve: Curve | None) -> Curve:
+    """``curve``, or when it is None the default of ``scale``'s kind.
+
+    A numeric knee keeps the seed's ``"log1p"`` (bitwise the original LogAdam); the
+    automatic knee, which sits at a few RMS, bends ordinary elements on ``"log1p"`` (at
+    3x RMS an element at 1x RMS loses 14 %), so ``"auto"`` takes ``"linlog"``, the
+    identity below its knee.
+    """
+    if curve is not None:
+        return curve
+    return "linlog" if isinstance(scale, str) else "log1p"
 
 
 def _cast_scale(scale: chex.Numeric, dtype: jnp.dtype) -> jax.Array | float:
@@ -155,7 +169,7 @@ def log_dampen(
     *,
     auto_multiple: chex.Numeric = 3.0,
     auto_decay: chex.Numeric = 0.999,
-    curve: Curve = "log1p",
+    curve: Curve | None = None,
 ) -> optax.GradientTransformation:
     r"""Compresses every update element logarithmically (the "LogAdam" dampening).
 
@@ -186,7 +200,8 @@ def log_dampen(
       auto_decay: with ``"auto"``, :math:`\beta \in (0, 1)`, the decay of :math:`\lambda_T`.
       curve: ``"log1p"`` (the formula above) or ``"linlog"``: :math:`|g|` up to the knee
         and :math:`s (1 + \log(|g| / s))` above it (slope 1 at the knee: ordinary updates
-        below it pass bitwise unchanged).
+        below it pass bitwise unchanged). None (default): ``"log1p"`` with a numeric
+        ``scale``, ``"linlog"`` with ``"auto"``.
 
     Returns:
       An :class:`optax.GradientTransformation`: stateless for a numeric ``scale``;
@@ -210,6 +225,7 @@ def log_dampen(
       2018.
     """
     _check_curve(curve)
+    curve = default_curve(scale, curve)
     if isinstance(scale, str):
         if scale != "auto":
             raise ValueError(f'scale must be a number or "auto", got {scale!r}.')

@@ -69,7 +69,8 @@ def run(tx, grads):
 @pytest.mark.parametrize(("multiple", "decay"), [(3.0, 0.999), (1.0, 0.99), (10.0, 0.9)])
 def test_matches_a_float64_reference_over_a_long_sequence(multiple, decay):
     grads = {"w": gradient_sequence(2000, seed=1), "b": gradient_sequence(2000, 2, (3, 5))}
-    outputs, _ = run(log_dampen("auto", auto_multiple=multiple, auto_decay=decay), grads)
+    tx = log_dampen("auto", auto_multiple=multiple, auto_decay=decay, curve="log1p")
+    outputs, _ = run(tx, grads)
     for name, g in grads.items():
         want = auto_reference(g, multiple, decay)
         np.testing.assert_allclose(np.asarray(outputs[name]), want, rtol=2e-5, atol=0)
@@ -165,9 +166,15 @@ def test_non_finite_updates_stay_non_finite_and_do_not_touch_the_scale():
     assert all(np.isfinite(leaf) for leaf in jax.tree.leaves(new_state))
 
 
+@pytest.mark.parametrize(
+    ("curve", "want"),
+    # After two steps of ones the knee is pow2(3 * 1) = 4: 50 -> 4 log(1 + 50 / 4) on
+    # log1p, 4 (1 + log(50 / 4)) on linlog (the default with "auto").
+    [("log1p", 4 * np.log1p(12.5)), (None, 4 * (1 + np.log(12.5)))],
+)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-def test_dtypes_are_kept_and_statistics_are_float32(dtype):
-    tx = log_dampen("auto")
+def test_dtypes_are_kept_and_statistics_are_float32(dtype, curve, want):
+    tx = log_dampen("auto", curve=curve)
     params = {"w": jnp.zeros(8, dtype)}
     state = tx.init(params)
     for value in (1.0, 1.0, 50.0):
@@ -175,8 +182,7 @@ def test_dtypes_are_kept_and_statistics_are_float32(dtype):
     assert updates["w"].dtype == dtype
     assert state.log_mean_square["w"].dtype == jnp.float32
     assert state.count["w"].dtype == jnp.int32
-    # After two steps of ones the knee is pow2(3 * 1) = 4: 50 -> 4 log(1 + 50 / 4).
-    np.testing.assert_allclose(float(updates["w"][0]), 4 * np.log1p(12.5), rtol=1e-2)
+    np.testing.assert_allclose(float(updates["w"][0]), want, rtol=1e-2)
 
 
 def test_complex_updates_keep_their_phase():
