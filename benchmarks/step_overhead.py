@@ -38,7 +38,8 @@ the throughput of the dampening arithmetic there.
 
 Layouts (``--layouts``): ``grid``, 300 tensors of (64, 64) (``--grid``), where compile
 time dominates; ``transformer``, a 12-layer GPT's unscanned tensors at each size;
-``mlp``, the blocks above. Every table gives the compile time next to the step time.
+``scanned``, the same GPT with its layers stacked (12 tensors, as a scanned model keeps
+them); ``mlp``, the blocks above. Every table gives the compile time next to the step time.
 
 Usage::
 
@@ -158,12 +159,16 @@ def make_grid_params(tensors: int = 300) -> dict[str, jax.Array]:
     return {f"t{i:03d}": jnp.zeros((64, 64), jnp.float32) for i in range(tensors)}
 
 
-def make_transformer_params(num_params: int, layers: int = 12) -> dict[str, jax.Array]:
-    """The unscanned tensors of a ``layers``-layer GPT with about ``num_params`` parameters.
+def make_transformer_params(
+    num_params: int, layers: int = 12, scanned: bool = False
+) -> dict[str, jax.Array]:
+    """The tensors of a ``layers``-layer GPT with about ``num_params`` parameters.
 
     Per layer: ln1 scale and bias, qkv ``(d, 3d)``, proj ``(d, d)``, ln2 scale and bias,
     fc ``(d, 4d)``, out ``(4d, d)``; then a ``(2048, d)`` embedding, ``(512, d)``
     positions and ln_f scale and bias: ``8 layers + 4`` tensors, ``d`` from the size.
+    ``scanned``: each per-layer tensor stacked over the layers (``(layers, d, 3d)``...),
+    as ``nnx.scan``, Flax's ``nn.scan`` or Levanter's ``Stacked`` keep them: 12 tensors.
     """
     vocab, context = 2048, 512
     a, b = 12 * layers, vocab + context + 4 * layers + 2  # num_params = a d**2 + b d
@@ -180,16 +185,19 @@ def make_transformer_params(num_params: int, layers: int = 12) -> dict[str, jax.
             ("fc", (d, 4 * d)),
             ("out", (4 * d, d)),
         ]:
-            shapes[f"layer{layer:02d}/{name}"] = shape
+            if scanned:
+                shapes[f"layers/{name}"] = (layers, *shape)
+            else:
+                shapes[f"layer{layer:02d}/{name}"] = shape
     return {name: jnp.zeros(shape, jnp.float32) for name, shape in shapes.items()}
 
 
 def make_layout(layout: str, num_params: int, blocks: int, grid: int) -> dict[str, jax.Array]:
-    """The parameters of one layout: ``mlp`` (``--blocks``), ``grid`` or ``transformer``."""
+    """The parameters of a layout: ``mlp`` (``--blocks``), ``grid``, ``transformer``, ``scanned``."""
     if layout == "grid":
         return make_grid_params(grid)
-    if layout == "transformer":
-        return make_transformer_params(num_params)
+    if layout in ("transformer", "scanned"):
+        return make_transformer_params(num_params, scanned=layout == "scanned")
     return make_params(num_params, blocks)
 
 
@@ -347,7 +355,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--layouts",
         default="grid,transformer",
         help="comma-separated: grid (--grid tensors of (64, 64), whatever the size), "
-        "transformer (12 layers, unscanned), mlp (--blocks blocks of 7 tensors)",
+        "transformer (12 layers, unscanned), scanned (the same, layers stacked), "
+        "mlp (--blocks blocks of 7 tensors)",
     )
     parser.add_argument("--grid", type=int, default=300, help="tensors of the grid layout")
     parser.add_argument("--full", action="store_true", help="sizes 1M, 10M and 50M")
@@ -373,9 +382,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.blocks < 1:
         parser.error(f"--blocks must be at least 1, got {args.blocks}")
     args.layouts = args.layouts.split(",")
-    unknown = set(args.layouts) - {"grid", "transformer", "mlp"}
+    unknown = set(args.layouts) - {"grid", "transformer", "scanned", "mlp"}
     if unknown:
-        parser.error(f"--layouts: unknown {sorted(unknown)}; choose grid, transformer, mlp")
+        parser.error(f"--layouts: unknown {sorted(unknown)}; choose grid, transformer, scanned, mlp")
     if args.full:
         args.sizes = "1e6,1e7,5e7"
     if args.quick:

@@ -22,7 +22,7 @@ CONTENDERS = ["base", *RACED]
         ["--layouts", "mlp"],
         ["--layouts", "mlp", "--cpu-vector-width", "512"],
         ["--layouts", "mlp", "--blocks", "3"],
-        ["--layouts", "grid,transformer", "--grid", "4"],
+        ["--layouts", "grid,transformer,scanned", "--grid", "4"],
     ],
     ids=["default", "wide", "deep", "layouts"],
 )
@@ -43,9 +43,10 @@ def test_step_overhead_prints_a_row_per_contender(extra):
     )
     assert (wide_header in lines) == ("--cpu-vector-width" in extra), result.stdout
     assert any(line.startswith("| contender | ms/step | x adam") for line in lines), result.stdout
-    if "grid,transformer" in extra:
+    if "grid,transformer,scanned" in extra:
         assert any("grid: 0.02M parameters in 4 tensors" in line for line in lines), result.stdout
         assert any("transformer:" in line and "in 100 tensors" in line for line in lines)
+        assert any("scanned:" in line and "in 12 tensors" in line for line in lines)
     else:
         tensors = 21 if "--blocks" in extra else 7
         assert any(f"mlp: {0.02:.2f}M parameters in {tensors} tensors" in line for line in lines)
