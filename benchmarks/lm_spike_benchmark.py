@@ -348,7 +348,6 @@ PLANS: dict[str, dict[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {
             ("tuned clip", CORE),
             ("spike_guard", CORE),
             ("log_dampen(auto)", CORE),
-            ("log_dampen(auto, log1p)", CORE),
             ("alrc(grad_norm) + log_dampen(auto, log1p)", CORE),
             ("alrc(grad_norm)", CORE),
             ("alrc + log_dampen", CORE),

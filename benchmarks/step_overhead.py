@@ -193,7 +193,7 @@ def make_transformer_params(
 
 
 def make_layout(layout: str, num_params: int, blocks: int, grid: int) -> dict[str, jax.Array]:
-    """The parameters of a layout: ``mlp`` (``--blocks``), ``grid``, ``transformer``, ``scanned``."""
+    """A layout's parameters: ``mlp`` (``--blocks``), ``grid``, ``transformer``, ``scanned``."""
     if layout == "grid":
         return make_grid_params(grid)
     if layout in ("transformer", "scanned"):
@@ -384,7 +384,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.layouts = args.layouts.split(",")
     unknown = set(args.layouts) - {"grid", "transformer", "scanned", "mlp"}
     if unknown:
-        parser.error(f"--layouts: unknown {sorted(unknown)}; choose grid, transformer, scanned, mlp")
+        choices = "grid, transformer, scanned, mlp"
+        parser.error(f"--layouts: unknown {sorted(unknown)}; choose {choices}")
     if args.full:
         args.sizes = "1e6,1e7,5e7"
     if args.quick:

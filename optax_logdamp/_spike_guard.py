@@ -88,8 +88,9 @@ def spike_guard(
     One sum of squares per tensor serves both (the knee's statistic of the capped update
     is :math:`2 \log f` plus that of the raw one). Non-finite input zeroes the step and
     leaves every statistic unchanged. ``exponent=1, curve="log1p"`` is
-    ``optax.chain(alrc(signal="grad_norm"), log_dampen("auto", curve="log1p"))``, to a few ulp of the
-    knees' statistics. Why these defaults, with the numbers: :doc:`the guide </guide/choosing>`.
+    ``optax.chain(alrc(signal="grad_norm"), log_dampen("auto", curve="log1p"))``, to a
+    few ulp of the knees' statistics. Why these defaults, with the numbers:
+    :doc:`the guide </guide/choosing>`.
 
     Args:
       num_stddev: :math:`n > 0`, how many standard deviations above the mean to cap.
