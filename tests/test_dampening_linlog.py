@@ -352,6 +352,9 @@ def test_logadam_passes_the_curve_through(scale):
         optax.chain(log_dampen(scale, curve="linlog"), optax.adamw(0.1, weight_decay=0.1))
     )
     jax.tree.map(np.testing.assert_array_equal, fused_w, chained_w)
+    default_w = run(logadamw(0.1, weight_decay=0.1, dampen_scale=scale))
+    log1p_w = run(logadamw(0.1, weight_decay=0.1, dampen_scale=scale, dampen_curve="log1p"))
+    jax.tree.map(np.testing.assert_array_equal, default_w, fused_w if scale == "auto" else log1p_w)
 
 
 MULTI = {
