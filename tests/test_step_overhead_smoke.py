@@ -32,7 +32,7 @@ def test_step_overhead_prints_a_row_per_contender(extra):
         [sys.executable, str(SCRIPT), "--sizes", "2e4", "--steps", "2", "--warmup", "1", *extra],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,  # the layouts case takes about a minute on 2 idle cores
         env=env,
         check=False,
     )
