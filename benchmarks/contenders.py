@@ -186,6 +186,21 @@ def contender(name: str) -> Contender:
         raise KeyError(f"no contender {name!r}; the registry has {sorted(REGISTRY)}") from None
 
 
+def split_names(text: str) -> list[str]:
+    """Registry names from a comma-separated flag; commas inside parentheses stay.
+
+    ``"spike_guard,log_dampen(auto, log1p)"`` is two names, not three.
+    """
+    names, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            names.append(text[start:i])
+            start = i + 1
+    names.append(text[start:])
+    return [name.strip() for name in names if name.strip()]
+
+
 def build(name: str, base: Base, hyper: Any = 0.0) -> optax.GradientTransformationExtraArgs:
     """The optimizer of contender ``name`` on ``base``, taking ``value`` like the others."""
     return optax.with_extra_args_support(contender(name).make(base, hyper))

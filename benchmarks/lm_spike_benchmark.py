@@ -71,7 +71,7 @@ import optax
 from jax import lax
 
 from anchors import count_interventions
-from contenders import Base, build, contender
+from contenders import Base, build, contender, split_names
 from reporting import (
     add_common_flags,
     curve_styles,
@@ -1328,7 +1328,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     plan = PLANS[args.recipe]["full" if args.full else "quick"]
     if args.contenders:
         given = dict(plan)
-        wanted = ["base", *(n for n in args.contenders.split(",") if n != "base")]
+        wanted = ["base", *(n for n in split_names(args.contenders) if n != "base")]
         plan = tuple((contender(n).name, given.get(n, CORE)) for n in wanted)
     if args.scenarios:
         keep = lambda name, s: s in args.scenarios or (name, s) == ("base", "clean")  # noqa: E731

@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from contenders import Base, build, contender
+from contenders import Base, build, contender, split_names
 
 LEARNING_RATE = 1e-3
 NUM_EXAMPLES = 256  # length of the per-example loss vector
@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Runs the benchmark and prints one table per size."""
     args = parse_args(argv)
     sizes = [int(float(s)) for s in args.sizes.split(",")]
-    names = None if args.only is None else args.only.split(",")
+    names = None if args.only is None else split_names(args.only)
     print("# Step overhead: jitted update + apply_updates, donated params and state")
     print(machine_line())
     compiler_options = None

@@ -21,7 +21,7 @@ import step_overhead  # noqa: E402
 
 import optax_logdamp as old  # noqa: E402
 
-from contenders import REGISTRY, Base, build, contender  # noqa: E402
+from contenders import REGISTRY, Base, build, contender, split_names  # noqa: E402
 
 
 def benchmark_names() -> dict[str, set[str]]:
@@ -40,6 +40,16 @@ def test_every_benchmark_uses_registry_names(benchmark):
     names = benchmark_names()[benchmark]
     assert names, benchmark
     assert names <= set(REGISTRY), sorted(names - set(REGISTRY))
+
+
+def test_every_registry_name_survives_the_comma_separated_flags():
+    """--contenders / --only split on commas outside parentheses: each name comes back whole."""
+    names = list(REGISTRY)
+    assert split_names(",".join(names)) == names
+    assert split_names(" spike_guard , log_dampen(auto, log1p),") == [
+        "spike_guard",
+        "log_dampen(auto, log1p)",
+    ]
 
 
 def test_an_unknown_name_lists_the_registry():
