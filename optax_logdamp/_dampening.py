@@ -78,7 +78,7 @@ def _cast_scale(scale: chex.Numeric, dtype: jnp.dtype) -> jax.Array | float:
     return scale if isinstance(scale, (int, float)) else jnp.asarray(scale, dtype)
 
 
-def dampen(g: jax.Array, scale: chex.Numeric = 1.0, *, curve: Curve = "log1p") -> jax.Array:
+def dampen(g: jax.Array, scale: chex.Numeric = 1.0, *, curve: Curve | None = "log1p") -> jax.Array:
     r"""Log-dampens one array: ``scale * sign(g) * log1p(|g| / scale)``.
 
     .. math::
@@ -92,7 +92,8 @@ def dampen(g: jax.Array, scale: chex.Numeric = 1.0, *, curve: Curve = "log1p") -
       g: the array to dampen.
       scale: the knee :math:`s`, a number in ``[1e-20, 1e20]``; the map is close to the
         identity for ``|g| << scale`` and logarithmic above it.
-      curve: ``"log1p"`` or ``"linlog"`` (the identity up to the knee; see :func:`log_dampen`).
+      curve: ``"log1p"`` or ``"linlog"`` (the identity up to the knee; see
+        :func:`log_dampen`); None is ``"log1p"``, the default of a numeric knee.
 
     Returns:
       The dampened array, same shape and dtype as ``g``.
@@ -111,7 +112,7 @@ def dampen(g: jax.Array, scale: chex.Numeric = 1.0, *, curve: Curve = "log1p") -
     """
     _check_scale(scale)
     _check_curve(curve)
-    return _dampen(g, scale, curve=curve)
+    return _dampen(g, scale, curve=default_curve(scale, curve))
 
 
 def _dampen(

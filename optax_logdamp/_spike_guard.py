@@ -25,6 +25,7 @@ from optax_logdamp._dampening import (
     LogDampenState,
     _check_curve,
     dampen_at_knees,
+    default_curve,
     init_knees,
 )
 from optax_logdamp._docs import document_fields
@@ -139,6 +140,7 @@ def spike_guard(
     rule = _make_rule(num_stddev, decay, None, None, warmup_steps)
     power = _check_exponent(exponent)
     _check_curve(curve)
+    curve = default_curve("auto", curve)  # None: an automatic knee's default, linlog
     if knee is not None:
         check_positive("knee", knee)
         check_not_half_precision("knee_decay", knee_decay)

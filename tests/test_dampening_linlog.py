@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from optax_logdamp import alrc, dampen, log_dampen, logadam, logadamw
+from optax_logdamp import alrc, dampen, log_dampen, logadam, logadamw, spike_guard
 from optax_logdamp._dampening import _dampen
 from optax_logdamp._log1p_kernel import dampen_magnitude, nearest_power_of_two, with_sign_of
 
@@ -252,6 +252,16 @@ def test_default_curves_log1p_for_a_number_linlog_for_auto():
         grads = g * (1 + step)
         out_a, state_a = auto.update(grads, state_a)
         out_b, state_b = auto_log1p.update(grads, state_b)
+        np.testing.assert_array_equal(np.asarray(out_a), np.asarray(out_b))
+    # curve=None spelled out is each default: log1p for dampen, linlog for spike_guard.
+    np.testing.assert_array_equal(
+        np.asarray(dampen(g, 0.37, curve=None)), np.asarray(dampen(g, 0.37))
+    )
+    guard, guard_none = spike_guard(), spike_guard(curve=None)
+    state_a, state_b = guard.init(g), guard_none.init(g)
+    for step in range(5):
+        out_a, state_a = guard.update(g * (1 + step), state_a)
+        out_b, state_b = guard_none.update(g * (1 + step), state_b)
         np.testing.assert_array_equal(np.asarray(out_a), np.asarray(out_b))
 
 
