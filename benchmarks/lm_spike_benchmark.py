@@ -1310,7 +1310,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--contenders",
         default=None,
         help="comma-separated registry names to run (default: the plan of the recipe); "
-        "each runs the scenarios the plan gives it, or every core scenario",
+        "each runs the scenarios the plan gives it, or every core scenario (every one "
+        "--scenarios names)",
     )
     parser.add_argument(
         "--scenarios",
@@ -1329,7 +1330,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.contenders:
         given = dict(plan)
         wanted = ["base", *(n for n in split_names(args.contenders) if n != "base")]
-        plan = tuple((contender(n).name, given.get(n, CORE)) for n in wanted)
+        default = ALL if args.scenarios else CORE
+        plan = tuple((contender(n).name, given.get(n, default)) for n in wanted)
     if args.scenarios:
         keep = lambda name, s: s in args.scenarios or (name, s) == ("base", "clean")  # noqa: E731
         plan = tuple((n, tuple(s for s in ss if keep(n, s))) for n, ss in plan)

@@ -152,6 +152,7 @@ CONTENDERS: tuple[str, ...] = (
     "alrc(grad_norm) + log_dampen(auto, log1p)",
     "alrc(both) + log_dampen(auto)",
     "spike_guard",
+    "spike_guard(normalize)",
     "alrc_per_example",
 )
 
