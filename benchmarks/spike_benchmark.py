@@ -54,6 +54,7 @@ import optax_logdamp as old
 from anchors import count_interventions
 from contenders import AGC_CLIPPING, Base, build, contender
 from reporting import (
+    add_common_flags,
     curve_styles,
     machine_line,
     no_harm_verdict,
@@ -486,7 +487,7 @@ def run_benchmark(
       seeds: the seeds (parameter initialisation, data order, corrupted steps).
       batch_sizes: the batch sizes to run.
       out_dir: where ``spike_benchmark.md`` and ``spike_benchmark.png`` go.
-      quiet: no progress bar.
+      quiet: print nothing (no progress bar, no table).
       command: the command line, for the record.
 
     Returns:
@@ -537,29 +538,18 @@ def run_benchmark(
     return results
 
 
-QUICK_STEPS = 2000
-FULL_STEPS = 10000
+QUICK_STEPS, QUICK_SEEDS = 2000, 3
+FULL_STEPS, FULL_SEEDS = 10000, 5
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--full", action="store_true", help=f"{FULL_STEPS} steps, 5 seeds")
-    parser.add_argument("--steps", type=int, default=None, help=f"default {QUICK_STEPS}")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
+    add_common_flags(parser, QUICK_STEPS, QUICK_SEEDS, FULL_STEPS, FULL_SEEDS)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument(
-        "--out",
-        default=os.path.join(
-            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results"
-        ),
-        help="report directory (default: results/ at the repository top, ignored by git; "
-        "benchmarks/results to regenerate the committed report)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or table")
     args = parser.parse_args(argv)
     steps = args.steps or (FULL_STEPS if args.full else QUICK_STEPS)
-    num_seeds = args.seeds or (5 if args.full else 3)
+    num_seeds = args.seeds or (FULL_SEEDS if args.full else QUICK_SEEDS)
     command = " ".join(["python benchmarks/spike_benchmark.py", *(argv or sys.argv[1:])])
     run_benchmark(
         steps, list(range(num_seeds)), args.batch_sizes, args.out, args.quiet, command.strip()
