@@ -138,7 +138,10 @@ _ENTRIES: tuple[Contender, ...] = (
     ),
     # This package's defences in front of the recipe (its clip kept).
     Contender("spike_guard", _front(_spike_guard())),
-    Contender("spike_guard(normalize)", _front(_spike_guard(normalize=True))),
+    *(
+        Contender(f"spike_guard(normalize_steps={k})", _front(_spike_guard(normalize_steps=k)))
+        for k in (100, 500, 10**9)
+    ),
     # The recommendation before spike_guard; its knee on log1p, "auto"'s curve in 0.1.
     Contender("alrc(grad_norm) + log_dampen(auto, log1p)", _front(_ALRC_NORM, _AUTO_LOG1P)),
     Contender("alrc(grad_norm)", _front(_ALRC_NORM)),
@@ -152,7 +155,6 @@ _ENTRIES: tuple[Contender, ...] = (
     Contender("alrc_per_example", _front(old.alrc_per_example), per_example=True),
     # ... replacing the recipe's clip.
     Contender("spike_guard (no clip)", _replacing_clip(_spike_guard())),
-    Contender("spike_guard(normalize) (no clip)", _replacing_clip(_spike_guard(normalize=True))),
     Contender("alrc(grad_norm) (no clip)", _replacing_clip(_ALRC_NORM)),
     Contender("alrc(both) (no clip)", _replacing_clip(_ALRC_BOTH)),
     Contender("log_dampen(auto) (no clip)", _replacing_clip(_AUTO)),

@@ -153,7 +153,8 @@ CONTENDERS: tuple[str, ...] = (
     "alrc(grad_norm) + log_dampen(auto, log1p)",
     "alrc(both) + log_dampen(auto)",
     "spike_guard",
-    "spike_guard(normalize)",
+    "spike_guard(normalize_steps=100)",
+    "spike_guard(normalize_steps=500)",
     "alrc_per_example",
 )
 

@@ -68,7 +68,7 @@ def spike_guard(
     decay: chex.Numeric = 0.999,
     knee_decay: chex.Numeric = 0.999,
     warmup_steps: int = 20,
-    normalize: bool = False,
+    normalize_steps: int = 0,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The recommended defence against spikes, as one transform in front of any optimizer.
@@ -107,11 +107,12 @@ def spike_guard(
       decay: :math:`\beta \in (0, 1)` of ALRC's moving averages.
       knee_decay: :math:`\in (0, 1)`, the decay of each tensor's running mean square.
       warmup_steps: ALRC's warm-up, an integer ``>= 0``.
-      normalize: also rescale every step to the running mean :math:`\mu_G` of the
-        norm: the factor becomes :math:`\min(1 + n, \mu_G / G) \, f`, so ordinary
-        steps all have norm :math:`\mu_G` (a step far below it gains at most
-        :math:`1 + n`) and a capped one less. Unit-free, like a clip that acts on
-        every step. Needs the norm as a signal.
+      normalize_steps: for this many steps from the start, also rescale each step
+        toward the running mean :math:`\mu_G` of the norm, by
+        :math:`\min(1 + n, \mu_G / G)^{1 - k / K}` at step :math:`k < K`: fully at
+        first, fading out by step :math:`K`. A unit-free stand-in for what a fixed
+        clip does early in training. 0 (the default): never. Needs the norm as a
+        signal.
       axis_name: the ``pmap``/``shard_map`` axis over which ALRC averages its signals.
 
     Returns:
@@ -143,12 +144,14 @@ def spike_guard(
         raise ValueError(f"signal must be one of {SIGNALS}, got {signal!r}.")
     if axis_name is not None and not isinstance(axis_name, str):
         raise TypeError(f"axis_name must be a string or None, got {axis_name!r}.")
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be True or False, got {normalize!r}.")
-    if normalize and signal == "loss":
+    if isinstance(normalize_steps, bool) or not isinstance(normalize_steps, int):
+        raise TypeError(f"normalize_steps must be an int >= 0, got {normalize_steps!r}.")
+    if normalize_steps < 0:
+        raise ValueError(f"normalize_steps must be an int >= 0, got {normalize_steps!r}.")
+    if normalize_steps and signal == "loss":
         raise ValueError(
-            'normalize=True rescales to the running mean of the gradient norm: it needs '
-            'signal="grad_norm" or signal="both", got signal="loss".'
+            "normalize_steps > 0 rescales toward the running mean of the gradient norm: it "
+            'needs signal="grad_norm" or signal="both", got signal="loss".'
         )
     rule = _make_rule(num_stddev, decay, None, None, warmup_steps)
     power = _check_exponent(exponent)
@@ -185,8 +188,15 @@ def spike_guard(
             statistics["grad_norm"] = norm_of_sums(sums)
             states["grad_norm"] = state.grad_norm
         factor, finite, states = cap_signals(rule, statistics, states, axis_name, power)
-        if normalize:
-            factor = factor * _gain(rule, statistics["grad_norm"], states["grad_norm"], axis_name)
+        if normalize_steps:
+            factor = factor * _gain(
+                rule,
+                statistics["grad_norm"],
+                state.grad_norm,
+                states["grad_norm"],
+                normalize_steps,
+                axis_name,
+            )
         capped = _zero_if_skipped(updates, finite, factor)
         knee_state: Any = state.knee
         if knee is not None:
@@ -209,17 +219,27 @@ def spike_guard(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _gain(rule, norm: jax.Array, state: ALRCState, axis_name: str | None) -> jax.Array:
-    """``normalize``'s factor ``min(1 + n, mean / norm)``; 1 where the norm is 0 or not finite.
+def _gain(
+    rule,
+    norm: jax.Array,
+    before: ALRCState,
+    after: ALRCState,
+    num_steps: int,
+    axis_name: str | None,
+) -> jax.Array:
+    """``normalize_steps``' factor ``min(1 + n, mean / norm) ** (1 - k / K)`` at step ``k < K``.
 
-    ``state`` is the one just folded, so its mean includes this step's (capped) norm:
-    the first step's factor is exactly 1.
+    ``after`` is the state just folded, so its mean includes this step's (capped) norm:
+    the first step's factor is exactly 1. ``k`` counts the finite steps before this
+    one (``before.num_steps``). 1 from step ``K`` on, and where the norm is 0 or not
+    finite.
     """
     if axis_name is not None:
         norm = jax.lax.pmean(norm, axis_name)
-    usable = jnp.isfinite(norm) & (norm > 0) & jnp.isfinite(state.mean)
-    ratio = state.mean / jnp.where(usable, norm, 1.0)
-    return jnp.where(usable, jnp.clip(ratio, 0.0, 1 + rule.num_stddev), 1.0)
+    weight = 1 - before.num_steps.astype(jnp.float32) / num_steps
+    usable = jnp.isfinite(norm) & (norm > 0) & jnp.isfinite(after.mean) & (weight > 0)
+    ratio = jnp.clip(after.mean / jnp.where(usable, norm, 1.0), 0.0, 1 + rule.num_stddev)
+    return jnp.where(usable, jnp.where(weight < 1, ratio**weight, ratio), 1.0)
 
 
 def _log_mean_square(

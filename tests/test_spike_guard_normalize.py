@@ -1,8 +1,9 @@
-"""``spike_guard(normalize=True)``: every step rescaled to the running mean of its norm.
+"""``spike_guard(normalize_steps=K)``: early steps rescaled toward the running mean norm.
 
 The float64 reference is the from-data ALRC rule of ``tests/test_alrc_exponent.py`` (the
-factor ``min(1, t / G) ** p``) with the normalizing gain ``min(1 + n, mean / G)`` on top,
-``mean`` being the running mean just folded (this step's capped norm included).
+factor ``min(1, t / G) ** p``) with the normalizing gain ``min(1 + n, mean / G) ** (1 - k / K)``
+on top at step ``k < K``, ``mean`` being the running mean just folded (this step's
+capped norm included).
 """
 
 import _multidevice_runs as mdr
@@ -18,7 +19,10 @@ from optax_logdamp import log_dampen, spike_guard
 WARMUP = 20
 
 
-def reference(xs, exponent=2.0, num_stddev=3.0, decay=0.999, warmup=WARMUP):
+ALWAYS = 10**9  # more steps than any test runs: the gain at (almost) full strength
+
+
+def reference(xs, steps=ALWAYS, exponent=2.0, num_stddev=3.0, decay=0.999, warmup=WARMUP):
     """Per step in float64: the factor (ALRC's ``(t / G) ** p`` times the gain), the
     threshold ``t`` and the running mean the gain used."""
     count, mean, var = 0, 0.0, 0.0
@@ -40,7 +44,8 @@ def reference(xs, exponent=2.0, num_stddev=3.0, decay=0.999, warmup=WARMUP):
             mean += rate * delta
             var = (1 - rate) * (var + rate * delta**2)
         cap = (threshold / x) ** exponent if capped else 1.0
-        factors.append(cap * min(1 + num_stddev, mean / x))
+        weight = max(0.0, 1 - step / steps)
+        factors.append(cap * min(1 + num_stddev, mean / x) ** weight)
         thresholds.append(threshold)
         means.append(mean)
     return np.asarray(factors), np.asarray(thresholds), np.asarray(means)
@@ -71,7 +76,7 @@ def applied_factor(updates, grads):
 def test_matches_a_float64_reference_over_a_long_sequence(seed):
     grads = gradients_with_norms(spiky(3000, seed), seed)
     xs = exact_norms(grads)
-    updates, state = run(spike_guard(knee=None, normalize=True), grads)
+    updates, state = run(spike_guard(knee=None, normalize_steps=ALWAYS), grads)
     got = applied_factor(updates, grads)
     want, thresholds, means = reference(xs)
     clear = np.abs(xs - thresholds) > 1e-3 * xs  # no near-ties between G and t
@@ -94,19 +99,51 @@ def test_the_gain_is_at_most_one_plus_num_stddev_and_never_flips_a_sign():
     norms = np.concatenate([np.full(100, 1.0), np.full(50, 1e-3), np.full(50, 1.0)])
     grads = gradients_with_norms(norms)
     for num_stddev in (1.0, 3.0):
-        updates, _ = run(spike_guard(knee=None, normalize=True, num_stddev=num_stddev), grads)
+        updates, _ = run(
+            spike_guard(knee=None, normalize_steps=ALWAYS, num_stddev=num_stddev), grads
+        )
         factor = applied_factor(updates, grads)
         assert np.all(factor >= 0)
         np.testing.assert_allclose(factor[100:150], 1 + num_stddev, rtol=1e-6)
         np.testing.assert_allclose(factor[:100], 1.0, rtol=1e-5)  # a constant norm: no change
 
 
+@pytest.mark.parametrize("steps", [1, 300, 1000])
+def test_the_gain_fades_out_by_normalize_steps(steps):
+    """Step ``k < K`` follows the reference's fading gain; from step ``K`` on the updates
+    are those of ``normalize_steps=0`` bit for bit (the statistics never depend on it)."""
+    grads = gradients_with_norms(spiky(1500, 8), 8)
+    xs = exact_norms(grads)
+    updates, state = run(spike_guard(knee=None, normalize_steps=steps), grads)
+    plain, plain_state = run(spike_guard(knee=None), grads)
+    jax.tree.map(np.testing.assert_array_equal, state, plain_state)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_array_equal(np.asarray(a)[steps:], np.asarray(b)[steps:])
+        np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b)[0])  # gain 1 at first
+    got = applied_factor(updates, grads)
+    want, thresholds, _ = reference(xs, steps=steps)
+    clear = np.abs(xs - thresholds) > 1e-3 * xs
+    np.testing.assert_allclose(got[clear], want[clear], rtol=5e-4)
+    if steps > 1:
+        assert np.mean(np.abs(got[1:steps] - applied_factor(plain, grads)[1:steps]) > 1e-3) > 0.5
+
+
+def test_zero_steps_is_spike_guard_bitwise():
+    grads = gradients_with_norms(spiky(300, 9), 9)
+    for a, b in zip(
+        jax.tree.leaves(run(spike_guard(normalize_steps=0), grads)),
+        jax.tree.leaves(run(spike_guard(), grads)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("scale", [2.0**-20, 2.0**12])
 def test_scale_invariant_bitwise_for_powers_of_two(scale):
     grads = gradients_with_norms(spiky(500, 3), 3)
     scaled = jax.tree.map(lambda g: g * np.float32(scale), grads)
-    updates, _ = run(spike_guard(normalize=True), grads)
-    got, _ = run(spike_guard(normalize=True), scaled)
+    updates, _ = run(spike_guard(normalize_steps=ALWAYS), grads)
+    got, _ = run(spike_guard(normalize_steps=ALWAYS), scaled)
     for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(np.asarray(a) * np.float32(scale), np.asarray(b))
 
@@ -116,7 +153,7 @@ def test_scale_invariant_for_any_factor():
     factors = []
     for scale in (1.0, 1e-3, 37.0):
         scaled = jax.tree.map(lambda g, s=scale: g * np.float32(s), grads)
-        updates, _ = run(spike_guard(knee=None, normalize=True), scaled)
+        updates, _ = run(spike_guard(knee=None, normalize_steps=ALWAYS), scaled)
         factors.append(applied_factor(updates, scaled))
     np.testing.assert_allclose(factors[1], factors[0], rtol=1e-4)
     np.testing.assert_allclose(factors[2], factors[0], rtol=1e-4)
@@ -125,8 +162,8 @@ def test_scale_invariant_for_any_factor():
 def test_the_knees_dampen_the_normalized_step():
     """With the knee, the updates are ``log_dampen("auto")`` of the normalized step."""
     grads = gradients_with_norms(spiky(800, 6), 6)
-    normalized, _ = run(spike_guard(knee=None, normalize=True), grads)
-    got, state = run(spike_guard(normalize=True), grads)
+    normalized, _ = run(spike_guard(knee=None, normalize_steps=ALWAYS), grads)
+    got, state = run(spike_guard(normalize_steps=ALWAYS), grads)
     want, knees = run(log_dampen("auto"), normalized)
     np.testing.assert_array_equal(state.knee.count["w"], knees.count["w"])
     for name in ("w", "b"):
@@ -141,7 +178,7 @@ def test_nonfinite_and_zero_steps():
     grads = gradients_with_norms(norms)
     grads["w"] = grads["w"].at[30, 0, 0].set(jnp.nan)
     grads = jax.tree.map(lambda g: g.at[40].set(0.0), grads)
-    updates, state = run(spike_guard(normalize=True), grads)
+    updates, state = run(spike_guard(normalize_steps=ALWAYS), grads)
     for leaf in jax.tree.leaves(updates):
         leaf = np.asarray(leaf)
         assert np.all(np.isfinite(leaf))
@@ -152,15 +189,21 @@ def test_nonfinite_and_zero_steps():
             assert np.all(np.isfinite(np.asarray(leaf)) | np.isneginf(np.asarray(leaf)))
     # Skipping the NaN step leaves the statistics as if it had not come.
     without = jax.tree.map(lambda g: jnp.concatenate([g[:30], g[31:]]), grads)
-    _, clean = run(spike_guard(normalize=True), without)
+    _, clean = run(spike_guard(normalize_steps=ALWAYS), without)
     np.testing.assert_array_equal(state.grad_norm.mean, clean.grad_norm.mean)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"normalize": 1}, TypeError, r"^normalize must be True or False"),
-        ({"normalize": True, "signal": "loss"}, ValueError, r'^normalize=True .*signal="loss"'),
+        ({"normalize_steps": 1.5}, TypeError, r"^normalize_steps must be an int >= 0"),
+        ({"normalize_steps": True}, TypeError, r"^normalize_steps must be an int >= 0"),
+        ({"normalize_steps": -1}, ValueError, r"^normalize_steps must be an int >= 0"),
+        (
+            {"normalize_steps": 10, "signal": "loss"},
+            ValueError,
+            r'^normalize_steps > 0 .*signal="loss"',
+        ),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, error, match):
@@ -172,7 +215,7 @@ def test_both_signals_normalize_to_the_norm():
     """With ``signal="both"`` the gain still follows the norm; the loss only caps."""
     grads = gradients_with_norms(np.linspace(1.0, 0.5, 100), 7)
     params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:]), grads)
-    tx = spike_guard(signal="both", knee=None, normalize=True)
+    tx = spike_guard(signal="both", knee=None, normalize_steps=ALWAYS)
     state = tx.init(params)
     step = jax.jit(lambda s, g: tx.update(g, s, params, value=jnp.float32(1.0)))
     for i in range(100):
@@ -187,7 +230,9 @@ def test_both_signals_normalize_to_the_norm():
 
 MULTI = {
     "normalize+adam": mdr.Case(
-        lambda axis: optax.chain(spike_guard(normalize=True, axis_name=axis), optax.adam(0.05)),
+        lambda axis: optax.chain(
+            spike_guard(normalize_steps=ALWAYS, axis_name=axis), optax.adam(0.05)
+        ),
         False,
     ),
 }
