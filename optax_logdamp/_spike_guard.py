@@ -31,11 +31,13 @@ from optax_logdamp._dampening import (
 from optax_logdamp._docs import document_fields
 from optax_logdamp._numerics import norm_of_sums, sum_of_squares
 from optax_logdamp._validation import (
+    as_float,
     check_inexact_leaves,
     check_not_half_precision,
     check_open_unit_interval,
     check_params_match,
     check_positive,
+    check_scalar,
     check_state_type,
 )
 
@@ -144,15 +146,7 @@ def spike_guard(
         raise ValueError(f"signal must be one of {SIGNALS}, got {signal!r}.")
     if axis_name is not None and not isinstance(axis_name, str):
         raise TypeError(f"axis_name must be a string or None, got {axis_name!r}.")
-    if isinstance(normalize_steps, bool) or not isinstance(normalize_steps, int):
-        raise TypeError(f"normalize_steps must be an int >= 0, got {normalize_steps!r}.")
-    if normalize_steps < 0:
-        raise ValueError(f"normalize_steps must be an int >= 0, got {normalize_steps!r}.")
-    if normalize_steps and signal == "loss":
-        raise ValueError(
-            "normalize_steps > 0 rescales toward the running mean of the gradient norm: it "
-            'needs signal="grad_norm" or signal="both", got signal="loss".'
-        )
+    normalizing = _check_normalize_steps(normalize_steps, signal)
     rule = _make_rule(num_stddev, decay, None, None, warmup_steps)
     power = _check_exponent(exponent)
     _check_curve(curve)
@@ -188,7 +182,7 @@ def spike_guard(
             statistics["grad_norm"] = norm_of_sums(sums)
             states["grad_norm"] = state.grad_norm
         factor, finite, states = cap_signals(rule, statistics, states, axis_name, power)
-        if normalize_steps:
+        if normalizing:
             factor = factor * _gain(
                 rule,
                 statistics["grad_norm"],
@@ -219,12 +213,33 @@ def spike_guard(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _check_normalize_steps(normalize_steps: Any, signal: str) -> bool:
+    """Validates ``normalize_steps``; whether the gain is computed at all.
+
+    A concrete 0 leaves the step bitwise as without it. A traced value (under
+    ``optax.inject_hyperparams``) is checked where it is concrete, at ``init``, so it
+    can only be > 0 with the norm as a signal.
+    """
+    if isinstance(normalize_steps, bool):
+        raise TypeError(f"normalize_steps must be an integer >= 0, got {normalize_steps!r}.")
+    check_scalar("normalize_steps", normalize_steps)
+    steps = as_float(normalize_steps)
+    if steps is not None and not (steps >= 0 and steps == int(steps)):
+        raise ValueError(f"normalize_steps must be an integer >= 0, got {normalize_steps!r}.")
+    if steps is not None and steps > 0 and signal == "loss":
+        raise ValueError(
+            "normalize_steps > 0 rescales toward the running mean of the gradient norm: it "
+            'needs signal="grad_norm" or signal="both", got signal="loss".'
+        )
+    return signal != "loss" and (steps is None or steps > 0)
+
+
 def _gain(
     rule,
     norm: jax.Array,
     before: ALRCState,
     after: ALRCState,
-    num_steps: int,
+    num_steps: Any,
     axis_name: str | None,
 ) -> jax.Array:
     """``normalize_steps``' factor ``min(1 + n, mean / norm) ** (1 - k / K)`` at step ``k < K``.
@@ -236,7 +251,10 @@ def _gain(
     """
     if axis_name is not None:
         norm = jax.lax.pmean(norm, axis_name)
-    weight = 1 - before.num_steps.astype(jnp.float32) / num_steps
+    num_steps = jnp.asarray(num_steps, jnp.float32)
+    weight = jnp.where(
+        num_steps > 0, 1 - before.num_steps.astype(jnp.float32) / jnp.maximum(num_steps, 1), 0.0
+    )
     usable = jnp.isfinite(norm) & (norm > 0) & jnp.isfinite(after.mean) & (weight > 0)
     ratio = jnp.clip(after.mean / jnp.where(usable, norm, 1.0), 0.0, 1 + rule.num_stddev)
     return jnp.where(usable, jnp.where(weight < 1, ratio**weight, ratio), 1.0)

@@ -128,6 +128,17 @@ def test_the_gain_fades_out_by_normalize_steps(steps):
         assert np.mean(np.abs(got[1:steps] - applied_factor(plain, grads)[1:steps]) > 1e-3) > 0.5
 
 
+def test_inject_hyperparams_traces_normalize_steps():
+    grads = gradients_with_norms(spiky(400, 10), 10)
+    for steps in (0, 200):
+        injected = optax.inject_hyperparams(spike_guard)(knee=None, normalize_steps=steps)
+        got, _ = run(injected, grads)
+        want, _ = run(spike_guard(knee=None, normalize_steps=steps), grads)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+    with pytest.raises(ValueError, match=r"^normalize_steps > 0"):
+        optax.inject_hyperparams(spike_guard)(signal="loss", normalize_steps=5).init({"w": 0.0})
+
+
 def test_zero_steps_is_spike_guard_bitwise():
     grads = gradients_with_norms(spiky(300, 9), 9)
     for a, b in zip(
@@ -196,9 +207,10 @@ def test_nonfinite_and_zero_steps():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"normalize_steps": 1.5}, TypeError, r"^normalize_steps must be an int >= 0"),
-        ({"normalize_steps": True}, TypeError, r"^normalize_steps must be an int >= 0"),
-        ({"normalize_steps": -1}, ValueError, r"^normalize_steps must be an int >= 0"),
+        ({"normalize_steps": 1.5}, ValueError, r"^normalize_steps must be an integer >= 0"),
+        ({"normalize_steps": True}, TypeError, r"^normalize_steps must be an integer >= 0"),
+        ({"normalize_steps": -1}, ValueError, r"^normalize_steps must be an integer >= 0"),
+        ({"normalize_steps": "9"}, ValueError, r"^normalize_steps must be a real scalar"),
         (
             {"normalize_steps": 10, "signal": "loss"},
             ValueError,
