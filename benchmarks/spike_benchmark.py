@@ -154,7 +154,6 @@ CONTENDERS: tuple[str, ...] = (
     "alrc(both) + log_dampen(auto)",
     "spike_guard",
     "spike_guard(normalize_steps=100)",
-    "spike_guard(normalize_steps=500)",
     "alrc_per_example",
 )
 
