@@ -315,6 +315,7 @@ TARGET_METHODS = (
     "alrc(grad_norm) + log_dampen(auto, log1p)",
     "alrc(both) + log_dampen(auto)",
     "spike_guard",
+    "spike_guard(normalize_steps=100)",
 )
 
 
