@@ -281,23 +281,22 @@ def _cap_and_fold(rule, state, values, *, finite=None, axis_name=None, exponent=
     return mean_scale, finite, new_state
 
 
-def cap_signals(
-    rule: _Rule,
-    statistics: dict,
-    states: dict,
-    axis_name: str | None,
-    exponent: jax.Array | None = None,
-):
+def average_signals(statistics: dict, axis_name: str | None) -> dict:
+    """The step's statistics averaged over ``axis_name`` (``pmap``/``shard_map``), or as given."""
+    if axis_name is None:
+        return statistics
+    return {name: lax.pmean(x, axis_name) for name, x in statistics.items()}
+
+
+def cap_signals(rule: _Rule, statistics: dict, states: dict, exponent: jax.Array | None = None):
     """Caps every signal at its state's threshold: the factor, finiteness, next states.
 
-    ``statistics`` and ``states`` map signal names to the step's scalar and its
-    :class:`ALRCState`. Under ``pmap``/``shard_map`` the statistics are first averaged
-    over ``axis_name``. A step counts as finite only if every statistic is; the factor
+    ``statistics`` and ``states`` map signal names to the step's scalar (already
+    averaged over the data-parallel axis: ``average_signals``) and its
+    :class:`ALRCState`. A step counts as finite only if every statistic is; the factor
     applied to the updates is the smallest of the signals' factors, each raised to
     ``exponent`` where given (see :func:`loss_scale`).
     """
-    if axis_name is not None:
-        statistics = {name: lax.pmean(x, axis_name) for name, x in statistics.items()}
     finite = functools.reduce(jnp.logical_and, [jnp.isfinite(x) for x in statistics.values()])
     factor = jnp.ones([], jnp.float32)
     new_states = {}
@@ -485,7 +484,8 @@ def alrc(
         if uses_norm:
             statistics["grad_norm"] = global_norm(updates)
             states["grad_norm"] = state.grad_norm
-        factor, finite, states = cap_signals(rule, statistics, states, axis_name, power)
+        statistics = average_signals(statistics, axis_name)
+        factor, finite, states = cap_signals(rule, statistics, states, power)
         if signal == "loss":
             new_state = states["loss"]
         else:

@@ -17,6 +17,7 @@ from optax_logdamp._alrc import (
     _init_state,
     _make_rule,
     _zero_if_skipped,
+    average_signals,
     cap_signals,
     scalar_loss,
 )
@@ -181,15 +182,11 @@ def spike_guard(
         if uses_norm:
             statistics["grad_norm"] = norm_of_sums(sums)
             states["grad_norm"] = state.grad_norm
-        factor, finite, states = cap_signals(rule, statistics, states, axis_name, power)
+        statistics = average_signals(statistics, axis_name)  # for the caps and the gain
+        factor, finite, states = cap_signals(rule, statistics, states, power)
         if normalizing:
             factor = factor * _gain(
-                rule,
-                statistics["grad_norm"],
-                state.grad_norm,
-                states["grad_norm"],
-                normalize_steps,
-                axis_name,
+                rule, statistics["grad_norm"], state.grad_norm, states["grad_norm"], normalize_steps
             )
         capped = _zero_if_skipped(updates, finite, factor)
         knee_state: Any = state.knee
@@ -240,17 +237,14 @@ def _gain(
     before: ALRCState,
     after: ALRCState,
     num_steps: Any,
-    axis_name: str | None,
 ) -> jax.Array:
     """``normalize_steps``' factor ``min(1 + n, mean / norm) ** (1 - k / K)`` at step ``k < K``.
 
     ``after`` is the state just folded, so its mean includes this step's (capped) norm:
     the first step's factor is exactly 1. ``k`` counts the finite steps before this
     one (``before.num_steps``). 1 from step ``K`` on, and where the norm is 0 or not
-    finite.
+    finite. ``norm`` is the step's statistic, averaged over the data-parallel axis.
     """
-    if axis_name is not None:
-        norm = jax.lax.pmean(norm, axis_name)
     num_steps = jnp.asarray(num_steps, jnp.float32)
     weight = jnp.where(
         num_steps > 0, 1 - before.num_steps.astype(jnp.float32) / jnp.maximum(num_steps, 1), 0.0

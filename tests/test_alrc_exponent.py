@@ -25,10 +25,13 @@ from optax_logdamp._alrc import loss_scale
 WARMUP = 20
 
 
-def reference(xs, exponent, num_stddev=3.0, decay=0.999, warmup=WARMUP):
-    """The from-data ALRC rule in float64, with the factor ``(t / x) ** exponent``."""
+def rule_steps(xs, num_stddev=3.0, decay=0.999, warmup=WARMUP):
+    """The from-data ALRC rule in float64, step by step: ``(threshold, capped, mean)``.
+
+    ``threshold`` is the cap the step's value ``x`` met, ``mean`` the running mean once
+    the step's value (``threshold`` where capped: whatever the exponent) is folded in.
+    """
     count, mean, var = 0, 0.0, 0.0
-    thresholds, factors = [], []
     for step, x in enumerate(xs):
         threshold = np.inf
         if count > 0:
@@ -36,9 +39,7 @@ def reference(xs, exponent, num_stddev=3.0, decay=0.999, warmup=WARMUP):
             if step < warmup:
                 threshold = max(threshold, (1 + num_stddev) * mean)
         capped = x > threshold and x > 0
-        factors.append((threshold / x) ** exponent if capped else 1.0)
-        thresholds.append(threshold)
-        value = threshold if capped else x  # what is folded: independent of the exponent
+        value = threshold if capped else x
         count += 1
         if step < warmup and count > 1 and mean > 0 and value * (1 + num_stddev) < mean:
             count, mean, var = 1, value, 0.0
@@ -47,6 +48,17 @@ def reference(xs, exponent, num_stddev=3.0, decay=0.999, warmup=WARMUP):
             delta = value - mean
             mean += rate * delta
             var = (1 - rate) * (var + rate * delta**2)
+        yield threshold, capped, mean
+
+
+def reference(xs, exponent, num_stddev=3.0, decay=0.999, warmup=WARMUP):
+    """The from-data ALRC rule in float64, with the factor ``(t / x) ** exponent``."""
+    thresholds, factors = [], []
+    for x, (threshold, capped, _) in zip(
+        xs, rule_steps(xs, num_stddev, decay, warmup), strict=True
+    ):
+        factors.append((threshold / x) ** exponent if capped else 1.0)
+        thresholds.append(threshold)
     return np.asarray(thresholds), np.asarray(factors)
 
 

@@ -12,37 +12,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_alrc_exponent import exact_norms, gradients_with_norms, spiky
+from test_alrc_exponent import exact_norms, gradients_with_norms, rule_steps, spiky
 
 from optax_logdamp import log_dampen, spike_guard
-
-WARMUP = 20
-
 
 ALWAYS = 10**9  # more steps than any test runs: the gain at (almost) full strength
 
 
-def reference(xs, steps=ALWAYS, exponent=2.0, num_stddev=3.0, decay=0.999, warmup=WARMUP):
+def reference(xs, steps=ALWAYS, exponent=2.0, num_stddev=3.0):
     """Per step in float64: the factor (ALRC's ``(t / G) ** p`` times the gain), the
     threshold ``t`` and the running mean the gain used."""
-    count, mean, var = 0, 0.0, 0.0
     factors, thresholds, means = [], [], []
-    for step, x in enumerate(xs):
-        threshold = np.inf
-        if count > 0:
-            threshold = mean + num_stddev * np.sqrt(var)
-            if step < warmup:
-                threshold = max(threshold, (1 + num_stddev) * mean)
-        capped = x > threshold
-        value = threshold if capped else x
-        count += 1
-        if step < warmup and count > 1 and mean > 0 and value * (1 + num_stddev) < mean:
-            count, mean, var = 1, value, 0.0
-        else:
-            rate = min(1.0, (1 - decay) / (1 - decay**count))
-            delta = value - mean
-            mean += rate * delta
-            var = (1 - rate) * (var + rate * delta**2)
+    for step, (x, (threshold, capped, mean)) in enumerate(
+        zip(xs, rule_steps(xs, num_stddev), strict=True)
+    ):
         cap = (threshold / x) ** exponent if capped else 1.0
         weight = max(0.0, 1 - step / steps)
         factors.append(cap * min(1 + num_stddev, mean / x) ** weight)
