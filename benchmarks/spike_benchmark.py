@@ -389,8 +389,10 @@ def plot(curves: dict, results: dict, batch_sizes, contender_names, path: str) -
         ax.set_title(f"{scenario.name}: final test MSE", fontsize=10)
         ax.legend(fontsize=7)
     handles, labels = axes[len(batch_sizes) - 1, 0].get_legend_handles_labels()  # every method
-    fig.legend(handles, labels, loc="upper center", ncol=7, fontsize=10, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (4.2 * nrows)))
+    ncol = 7
+    fig.legend(handles, labels, loc="upper center", ncol=ncol, fontsize=10, frameon=False)
+    legend_rows = -(-len(labels) // ncol)  # the legend's height, above the panels' titles
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.22 * legend_rows + 0.2) / (4.2 * nrows)))
     fig.savefig(path, dpi=70)
     plt.close(fig)
 
