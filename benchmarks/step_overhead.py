@@ -50,6 +50,12 @@ Usage::
   python benchmarks/step_overhead.py --quick              # 1M only, a few seconds
   python benchmarks/step_overhead.py --cpu-vector-width 512   # AVX-512 CPUs
   python benchmarks/step_overhead.py --layouts mlp --sizes 1e6 --blocks 30  # 210 tensors
+  python benchmarks/step_overhead.py --per-tensor   # and each with grouping off, beside it
+
+On a single CPU device the dampening kernel is traced once per group of up to 16 small
+tensors of one shape (``optax_logdamp._grouping``); ``--per-tensor`` races each dampening
+contender again with one kernel per tensor, as before that, so both compile times come
+from one run.
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import optax_logdamp._grouping as grouping
+
 from contenders import Base, build, contender, split_names
 
 LEARNING_RATE = 1e-3
@@ -81,6 +89,7 @@ class Contender(NamedTuple):
     name: str
     tx: optax.GradientTransformationExtraArgs
     value: str  # "none", "scalar" (batch loss) or "vector" (per-example losses)
+    grouped: bool | None = None  # the kernel per group of small tensors (None: the default)
 
 
 def naive_log_dampen() -> optax.GradientTransformation:
@@ -108,6 +117,15 @@ RACED = (
     "tuned clip",  # clip_by_global_norm(1.0): the cost does not depend on the threshold
 )
 MEASUREMENTS = ("base (control)", "naive log1p")
+
+
+def per_tensor(rows: Sequence[Contender]) -> list[Contender]:
+    """Each dampening contender again with one kernel per tensor (grouping off)."""
+    return [
+        Contender(f"{c.name} (per tensor)", c.tx, c.value, grouped=False)
+        for c in rows
+        if "log_dampen" in c.name or "spike_guard" in c.name
+    ]
 
 
 def contenders() -> list[Contender]:
@@ -247,10 +265,14 @@ class Runner:
         self.state_bytes = tree_bytes(self.state)
         self.grads = grads
         self.value = make_value(contender.value)
-        start = time.perf_counter()
-        lowered = make_step(contender.tx).lower(self.params, self.state, grads, self.value)
-        self.compiled = lowered.compile(compiler_options)
-        self.compile_s = time.perf_counter() - start
+        default, grouping.ENABLED = grouping.ENABLED, contender.grouped
+        try:
+            start = time.perf_counter()
+            lowered = make_step(contender.tx).lower(self.params, self.state, grads, self.value)
+            self.compiled = lowered.compile(compiler_options)
+            self.compile_s = time.perf_counter() - start
+        finally:
+            grouping.ENABLED = default
         self.times: list[float] = []
 
     def run(self, record: bool) -> None:
@@ -282,6 +304,7 @@ def benchmark_size(
     blocks: int = 1,
     layout: str = "mlp",
     grid: int = 300,
+    compare_per_tensor: bool = False,
 ):
     """Runs every contender at one size; returns (parameter count, tensor count, rows)."""
     params = make_layout(layout, num_params, blocks, grid)
@@ -289,6 +312,8 @@ def benchmark_size(
     chosen = [
         c for c in contenders() if names is None or c.name in names or c.name.startswith("base")
     ]
+    if compare_per_tensor:
+        chosen += per_tensor(chosen)
     runners = [Runner(c, params, grads, compiler_options) for c in chosen]
     race(runners, steps, warmup)
     n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
@@ -372,6 +397,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "grows with the number of tensors",
     )
     parser.add_argument(
+        "--per-tensor",
+        action="store_true",
+        help="also race each dampening contender with one kernel per tensor (the grouping "
+        "of small same-shape tensors off, as before it), rows '... (per tensor)'",
+    )
+    parser.add_argument(
         "--cpu-vector-width",
         type=int,
         choices=(128, 256, 512),
@@ -417,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 args.blocks,
                 layout,
                 args.grid,
+                args.per_tensor,
             )
             print(format_table(n, rows, args.steps, tensors, layout), flush=True)
 

@@ -11,6 +11,7 @@ import optax
 from jax import lax
 
 from optax_logdamp._docs import document_fields
+from optax_logdamp._grouping import map_leaves
 from optax_logdamp._log1p_kernel import (
     MAX_SCALE,
     MIN_SCALE,
@@ -236,7 +237,9 @@ def log_dampen(
     def update_fn(updates, state, params=None):
         check_params_match("log_dampen", updates, params)
         check_inexact_leaves("log_dampen", updates)
-        return jax.tree.map(lambda g: dampen(g, scale, curve=curve), updates), state
+        leaves, treedef = jax.tree.flatten(updates)
+        damped = map_leaves(lambda g: _dampen(g, scale, curve=curve), leaves)
+        return treedef.unflatten(damped), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
@@ -299,6 +302,10 @@ def dampen_at_knees(
     before this step), rounded to a power of two; a tensor with no step folded in yet
     passes unchanged. ``log_steps`` holds, per tensor, the log mean square of this
     step's updates; a non-finite one (all-zero or non-finite updates) is not folded.
+    The knee and the dampening are traced once per group of small tensors
+    (:func:`optax_logdamp._grouping.map_leaves`); the fold stays tensor by tensor, with
+    the reduction it follows (XLA's float32 ``log`` can differ by an ulp between a
+    reduction's fusion and a loop's, and the state is bitwise that of the ungrouped path).
     """
     decay = jnp.asarray(decay, jnp.float32)
 
@@ -319,7 +326,10 @@ def dampen_at_knees(
             jnp.where(ok, new, log_mean_square),
         )
 
-    damped = jax.tree.map(dampen_leaf, updates, state.count, state.log_mean_square)
+    leaves, treedef = jax.tree.flatten(updates)
+    counts = treedef.flatten_up_to(state.count)
+    log_mean_squares = treedef.flatten_up_to(state.log_mean_square)
+    damped = treedef.unflatten(map_leaves(dampen_leaf, leaves, counts, log_mean_squares))
     folded = jax.tree.map(fold, log_steps, state.count, state.log_mean_square)
     count = jax.tree.map(lambda _, pair: pair[0], updates, folded)
     log_mean_square = jax.tree.map(lambda _, pair: pair[1], updates, folded)

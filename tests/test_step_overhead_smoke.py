@@ -72,6 +72,20 @@ def test_step_overhead_prints_a_row_per_contender(extra):
         assert 0 <= extra <= 64 + 8 * tensors, rows[name]
 
 
+def test_step_overhead_races_the_per_tensor_kernel_beside_the_grouped():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    command = [sys.executable, str(SCRIPT), "--layouts", "grid", "--grid", "4", "--steps", "2"]
+    command += ["--warmup", "1", "--only", "log_dampen,spike_guard,tuned clip", "--per-tensor"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=env, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1].strip() for line in result.stdout.splitlines() if line[:2] == "| "]
+    expected = ["log_dampen", "spike_guard", "log_dampen (per tensor)", "spike_guard (per tensor)"]
+    assert all(name in rows for name in expected), result.stdout
+    assert "tuned clip (per tensor)" not in rows  # no kernel to group
+
+
 def test_step_overhead_refuses_fewer_than_one_block():
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--sizes", "2e4", "--blocks", "0"],

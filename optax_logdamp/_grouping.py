@@ -1,0 +1,106 @@
+"""One copy of the elementwise kernel for many small tensors of one kind, not one per tensor.
+
+Why this module exists: XLA fuses the dampening kernel into every tensor's Adam moment
+updates (it is built for that, see :mod:`optax_logdamp._log1p_kernel`), twice per tensor,
+so a model of a few hundred tensors compiles it a few hundred times; on CPU each copy
+costs milliseconds of compile time, more than Adam's own arithmetic, and the automatic
+knee adds its scalar arithmetic per tensor. Small tensors of one shape, dtype and sharding
+are stacked instead, and one ``lax.map`` over the stack traces and compiles the kernel
+(and the knee) once. Measured numbers: ``benchmarks/README.md``, "Compile time".
+
+Grouping is on for a single CPU device only (:func:`enabled`), and for tensors of at most
+:data:`MAX_GROUPED_SIZE` elements: there compile time dominates and the stacking copy
+costs nothing measurable, while a large tensor keeps the kernel fused into Adam's moment
+updates, its fastest step. A group holds at most :data:`GROUP_SIZE` tensors: XLA:CPU
+compiles a fusion that reads one slice of a stack more slowly the more slices the stack
+has, so a few short stacks compile faster than one long one. The arithmetic per element
+is the same either way: results are bitwise those of the tensor-by-tensor path
+(``tests/test_grouping.py``).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+GROUP_SIZE = 16
+"""The most tensors one ``lax.map`` covers (measured best of 4, 8, 16 and 32)."""
+
+MAX_GROUPED_SIZE = 2**16
+"""The largest tensor (in elements) that is grouped; a larger one keeps its fused kernel."""
+
+ENABLED: bool | None = None
+"""Whether to group: None (default) groups on a single CPU device only (:func:`enabled`)."""
+
+
+def enabled() -> bool:
+    """Whether :func:`map_leaves` groups: :data:`ENABLED`, or by default on one CPU device.
+
+    Compile time per kernel copy is the CPU's problem, measured there. Elsewhere each
+    tensor keeps its own fused kernel: on a GPU a loop iteration has a launch cost of
+    its own, and across devices a stack of tensors sharded in different ways would be
+    resharded (under explicit sharding :func:`groups_of` never mixes them, but under
+    automatic sharding their layouts are not known while tracing).
+    """
+    if ENABLED is not None:
+        return ENABLED
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
+def _kind(x: jax.Array) -> tuple[Any, ...]:
+    """What tensors must share to be stacked: shape, dtype, weak type and sharding.
+
+    The sharding is that of the abstract value (explicit sharding; otherwise empty), so
+    that a stack never mixes two explicitly sharded layouts.
+    """
+    aval = jax.typeof(x)
+    return (aval.shape, aval.dtype, aval.weak_type, getattr(aval, "sharding", None))
+
+
+def groups_of(leaves: Sequence[jax.Array]) -> list[list[int]]:
+    """Indices of ``leaves`` in groups: small tensors of one kind together, in order.
+
+    Every leaf is in exactly one group; a group of small tensors of one kind holds at
+    most :data:`GROUP_SIZE` of them, and any other leaf is a group of its own.
+    """
+    by_kind: dict[Any, list[int]] = collections.defaultdict(list)
+    groups: list[list[int]] = []
+    for index, leaf in enumerate(leaves):
+        if 0 < leaf.size <= MAX_GROUPED_SIZE:
+            by_kind[_kind(leaf)].append(index)
+        else:
+            groups.append([index])
+    for indices in by_kind.values():
+        groups.extend(
+            indices[start : start + GROUP_SIZE] for start in range(0, len(indices), GROUP_SIZE)
+        )
+    return groups
+
+
+def map_leaves(fn: Callable[..., jax.Array], *columns: Sequence[jax.Array]) -> list[jax.Array]:
+    """``[fn(*row) for row in zip(*columns)]``, with ``fn`` traced once per group.
+
+    ``columns[0]`` are the tensors (they choose the groups, :func:`groups_of`); each other
+    column holds one array per tensor (a knee's scalars, say) that ``fn`` takes along.
+    ``fn`` maps a tensor to an array of its shape, element by element, so that mapping it
+    over a stack gives each tensor its own result. (A reduction inside ``fn`` could sum in
+    another order than on the tensor alone: the callers reduce outside.)
+    """
+    tensors = columns[0]
+    out: list[Any] = [None] * len(tensors)
+    groups = groups_of(tensors) if enabled() else [[i] for i in range(len(tensors))]
+    for group in groups:
+        if len(group) == 1:
+            (index,) = group
+            out[index] = fn(*(column[index] for column in columns))
+            continue
+        stacked = tuple(jnp.stack([column[i] for i in group]) for column in columns)
+        mapped = lax.map(lambda row: fn(*row), stacked)
+        for position, index in enumerate(group):
+            out[index] = mapped[position]
+    return out
