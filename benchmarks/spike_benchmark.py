@@ -153,6 +153,7 @@ CONTENDERS: tuple[str, ...] = (
     "alrc(grad_norm) + log_dampen(auto, log1p)",
     "alrc(both) + log_dampen(auto)",
     "spike_guard",
+    "spike_guard(knee=3)",
     "spike_guard(normalize_steps=100)",
     "alrc_per_example",
 )
@@ -315,6 +316,7 @@ TARGET_METHODS = (
     "alrc(grad_norm) + log_dampen(auto, log1p)",
     "alrc(both) + log_dampen(auto)",
     "spike_guard",
+    "spike_guard(knee=3)",
     "spike_guard(normalize_steps=100)",
 )
 

@@ -65,7 +65,7 @@ def spike_guard(
     *,
     num_stddev: chex.Numeric = 3.0,
     signal: Signal = "grad_norm",
-    knee: chex.Numeric | None = 3.0,
+    knee: chex.Numeric | None = 30.0,
     exponent: chex.Numeric = 2.0,
     curve: Curve = "linlog",
     decay: chex.Numeric = 0.999,
