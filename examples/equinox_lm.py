@@ -9,7 +9,7 @@ The optimizer is the standard recipe with the library's defence in front of it::
 
 with a linear warm-up and a cosine decay. ``spike_guard()`` caps each step's gradient
 norm at its running mean + 3 standard deviations and dampens each tensor's gradient
-above 3 times its running RMS; it needs no ``value`` (no loss), so the training step is
+above 30 times its running RMS; it needs no ``value`` (no loss), so the training step is
 the plain Equinox one:
 
 - ``eqx.filter_value_and_grad`` differentiates with respect to the model's arrays,

@@ -92,7 +92,7 @@ def spike_guard(
 
     One sum of squares per tensor serves both (the knee's statistic of the capped update
     is :math:`2 \log f` plus that of the raw one). Non-finite input zeroes the step and
-    leaves every statistic unchanged. ``exponent=1, curve="log1p"`` is
+    leaves every statistic unchanged. ``knee=3, exponent=1, curve="log1p"`` is
     ``optax.chain(alrc(signal="grad_norm"), log_dampen("auto", curve="log1p"))``, to a
     few ulp of the knees' statistics. Why these defaults, with the numbers:
     :doc:`the guide </guide/choosing>`.
@@ -101,8 +101,9 @@ def spike_guard(
       num_stddev: :math:`n > 0`, how many standard deviations above the mean to cap.
       signal: ``"grad_norm"`` (needs no ``value`` and ignores it), ``"loss"`` or
         ``"both"`` (need the loss as ``value``; see :func:`alrc`).
-      knee: the knee in units of each tensor's running RMS, ``> 0``; ``None``: no
-        dampening (ALRC alone).
+      knee: the knee in units of each tensor's running RMS, ``> 0`` (30: only elements
+        far outside the tensor's usual range are bent; at 3 heavy-tailed gradients lost
+        accuracy); ``None``: no dampening (ALRC alone).
       exponent: :math:`p \ge 1`, how fast the factor of a step above the threshold
         falls (1: the paper's cap at the threshold).
       curve: ``"linlog"`` (the identity below the knee) or ``"log1p"`` (the seed's

@@ -58,7 +58,7 @@ def run_sequence(tx, grads, value=None):
     return jax.device_get(updates), jax.device_get(state)
 
 
-TODAY = dict(exponent=1.0, curve="log1p")  # the chain the README recommended before
+TODAY = dict(exponent=1.0, curve="log1p", knee=3.0)  # the chain the README recommended before
 
 
 def chain_of_today():
@@ -66,7 +66,10 @@ def chain_of_today():
 
 
 def chain_of_defaults():
-    return optax.chain(alrc(signal="grad_norm", exponent=2.0), log_dampen("auto", curve="linlog"))
+    return optax.chain(
+        alrc(signal="grad_norm", exponent=2.0),
+        log_dampen("auto", auto_multiple=30.0, curve="linlog"),
+    )
 
 
 def test_equals_the_recommended_chain_over_a_long_sequence():
@@ -102,12 +105,13 @@ def test_equals_the_recommended_chain_over_a_long_sequence():
     for name in SHAPES:
         assert np.all(got_updates[name][NONFINITE_STEP] == 0)
     # Not a no-op: the knees compress the spikes beyond what ALRC does alone.
-    alrc_only, _ = run_sequence(spike_guard(knee=None, **TODAY), grads)
+    alrc_only, _ = run_sequence(spike_guard(**dict(TODAY, knee=None)), grads)
     assert not np.array_equal(alrc_only["w"], got_updates["w"])
 
 
 def test_defaults_equal_the_chain_of_their_rules():
-    """The defaults, exponent 2 and the linlog curve, are the chain of those two rules."""
+    """The defaults (exponent 2, a knee of 30 RMS on the linlog curve) are the chain of
+    those two rules."""
     grads = gradient_sequence(seed=6)
     got_updates, got = run_sequence(spike_guard(), grads)
     want_updates, (want_alrc, want_knee) = run_sequence(chain_of_defaults(), grads)
@@ -119,9 +123,12 @@ def test_defaults_equal_the_chain_of_their_rules():
             got.knee.log_mean_square[name], want_knee.log_mean_square[name], maxulp=8
         )
         np.testing.assert_array_max_ulp(got_updates[name], want_updates[name], maxulp=2)
-    # Both rules act: today's chain gives other updates on the capped steps.
+    # Both rules act: today's chain gives other updates on the capped steps, and a
+    # spike too small for the norm's cap still meets the knee at 30 RMS.
     today, _ = run_sequence(spike_guard(**TODAY), grads)
     assert not np.array_equal(today["w"], got_updates["w"])
+    alrc_only, _ = run_sequence(spike_guard(knee=None), grads)
+    assert not np.array_equal(alrc_only["w"], got_updates["w"])
 
 
 def test_knee_none_is_alrc_alone_bitwise():
@@ -260,7 +267,7 @@ def test_loss_signal_is_refused_inside_multi_steps():
 
 def test_inject_hyperparams_traces_num_stddev_and_knee():
     grads = gradient_sequence(seed=4)
-    injected = optax.inject_hyperparams(spike_guard)(num_stddev=3.0, knee=3.0)
+    injected = optax.inject_hyperparams(spike_guard)(num_stddev=3.0, knee=30.0)
     got_updates, got = run_sequence(injected, grads)
     want_updates, want = run_sequence(spike_guard(), grads)
     # Not bitwise, as alrc's own results under inject_hyperparams are not: with a traced
