@@ -326,6 +326,8 @@ ALL = (*CORE, *UNITS, *RATES[1:])
 # takes about two hours; what it leaves out to fit (the anchors' other scenarios, the
 # recipe without its clip, the former recommended chain) runs with --contenders and
 # --scenarios.
+# The contenders the figures draw with thick lines.
+EMPHASIS = ("base", "spike_guard", "spike_guard(knee=3)")
 ANCHORS = ("zclip", "skip-step", "adagc", "spam", "update clipping")
 PLANS: dict[str, dict[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {
     "standard": {
@@ -875,7 +877,6 @@ def plot_curves(results: dict, names: Sequence[str], bad_steps: dict, path: str)
     ]
     names = [n for n in names if any((n, s) in results for s in panels)]
     style = curve_styles(names)
-    emphasis = {"base", "spike_guard", "spike_guard(knee=3)"}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.4), sharey=True)
     axes = np.atleast_1d(axes)
     handles = {}
@@ -887,7 +888,7 @@ def plot_curves(results: dict, names: Sequence[str], bad_steps: dict, path: str)
             curve = results[name, scenario].curve[0]
             x = (np.arange(len(curve)) + 1) * (len(bad_steps[scenario]) // len(curve))
             color, ls = style[name]
-            lw = 2.6 if name in emphasis else 1.3
+            lw = 2.6 if name in EMPHASIS else 1.3
             (handles[name],) = ax.plot(x, curve, color=color, ls=ls, lw=lw, label=name)
         for step in np.flatnonzero(bad_steps[scenario]):
             ax.axvline(step, color="red", alpha=0.35, lw=0.8, zorder=0)
@@ -926,7 +927,7 @@ def plot_rates(results: dict, names: Sequence[str], peak_lr: float, path: str) -
             ls=ls,
             marker="o",
             capsize=3,
-            lw=2.4 if name in ("base", "spike_guard", "spike_guard(knee=3)") else 1.3,
+            lw=2.4 if name in EMPHASIS else 1.3,
             label=name,
         )
     ax.set_xscale("log")
