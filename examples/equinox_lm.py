@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 import optax_logdamp
-from optax_logdamp import alrc_diagnostics, spike_guard, to_python_numbers
+from optax_logdamp import diagnostics, spike_guard, to_python_numbers
 
 VOCAB = 256  # bytes
 
@@ -157,13 +157,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             batch = np.full_like(batch, rng.integers(VOCAB))
         model, opt_state, loss = train_step(model, opt_state, jnp.asarray(batch))
         if bad or step % args.log_every == 0 or step == args.steps:
-            numbers = to_python_numbers(alrc_diagnostics(opt_state))
+            numbers = to_python_numbers(diagnostics(opt_state))
             print(
                 f"step {step}{' (bad batch)' if bad else ''}: train loss {float(loss):.3f}, "
                 f"gradient scaled by {numbers['grad_norm/scale']:.3f}, "
                 f"steps clipped {numbers['grad_norm/num_clipped']}"
             )
-    numbers = to_python_numbers(alrc_diagnostics(opt_state))
+    numbers = to_python_numbers(diagnostics(opt_state))
     numbers["held_out_loss"] = float(evaluate(model, eval_batch))
     print(f"held-out loss after {args.steps} steps: {numbers['held_out_loss']:.3f}")
     print("spike_guard:", numbers)

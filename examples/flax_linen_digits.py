@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from _digits import load_data, parse_args, report, train
 
-from optax_logdamp import alrc, alrc_diagnostics, logadam
+from optax_logdamp import alrc, diagnostics, logadam
 from optax_logdamp.flax import TrainState
 
 
@@ -47,7 +47,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
     """One step; the loss goes to ALRC through ``apply_gradients(value=...)``."""
     loss, grads = jax.value_and_grad(cross_entropy, argnums=1)(state, state.params, images, labels)
     state = state.apply_gradients(grads=grads, value=loss)
-    return state, loss, alrc_diagnostics(state.opt_state)
+    return state, loss, diagnostics(state.opt_state)
 
 
 @jax.jit

@@ -23,7 +23,7 @@ import optax
 from _digits import load_data, parse_args, report, train
 from flax import nnx
 
-from optax_logdamp import alrc, alrc_diagnostics, logadam
+from optax_logdamp import alrc, diagnostics, logadam
 
 
 class MLP(nnx.Module):
@@ -47,7 +47,7 @@ def train_step(model: MLP, optimizer: nnx.Optimizer, images: jax.Array, labels: 
     """One step, in place; the loss goes to ALRC through ``update(..., value=loss)``."""
     loss, grads = nnx.value_and_grad(cross_entropy)(model, images, labels)
     optimizer.update(model, grads, value=loss)
-    return loss, alrc_diagnostics(optimizer.opt_state)
+    return loss, diagnostics(optimizer.opt_state)
 
 
 @nnx.jit

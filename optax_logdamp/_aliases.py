@@ -9,7 +9,7 @@ import chex
 import jax.numpy as jnp
 import optax
 
-from optax_logdamp._dampening import Curve, _check_curve, _check_scale, log_dampen
+from optax_logdamp._dampening import check_scale, log_dampen
 from optax_logdamp._validation import check_decay_rate, check_not_half_precision
 
 
@@ -23,7 +23,6 @@ def logadam(
     dampen_scale: chex.Numeric | Literal["auto"] = 1.0,
     mu_dtype: jnp.dtype | None = None,
     nesterov: bool = False,
-    dampen_curve: Curve | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam on log-dampened gradients (the "LogAdam" optimizer).
 
@@ -52,9 +51,6 @@ def logadam(
         tensor at 3 times its running RMS; see :func:`log_dampen`).
       mu_dtype: dtype of the first moment (``None``: that of the parameters).
       nesterov: whether to use Nesterov momentum (NAdam).
-      dampen_curve: the dampening curve, ``"log1p"`` or ``"linlog"`` (the identity up
-        to the knee); None: ``"log1p"`` with a numeric knee, ``"linlog"`` with
-        ``"auto"`` (see :func:`log_dampen`).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -77,9 +73,9 @@ def logadam(
       Neural Networks: the LogAdam optimizer
       <https://torontoai.org/2018/03/31/a-magnetosphere-for-neural-networks/>`_, 2018.
     """
-    _check_adam_arguments(b1, b2, eps, dampen_scale, dampen_curve)
+    _check_adam_arguments(b1, b2, eps, dampen_scale)
     return optax.chain(
-        log_dampen(dampen_scale, curve=dampen_curve),
+        log_dampen(dampen_scale),
         optax.scale_by_adam(
             b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov
         ),
@@ -87,17 +83,16 @@ def logadam(
     )
 
 
-def _check_adam_arguments(b1, b2, eps, dampen_scale, dampen_curve) -> None:
+def _check_adam_arguments(b1, b2, eps, dampen_scale) -> None:
     """The checks shared by :func:`logadam` and :func:`logadamw`, under the users' names."""
     check_decay_rate("b1", b1)
     check_decay_rate("b2", b2)
     check_not_half_precision("eps", eps)
-    _check_curve(dampen_curve, "dampen_curve")
     if isinstance(dampen_scale, str):
         if dampen_scale != "auto":
             raise ValueError(f'dampen_scale must be a number or "auto", got {dampen_scale!r}.')
     else:
-        _check_scale(dampen_scale, "dampen_scale")
+        check_scale(dampen_scale, "dampen_scale")
 
 
 def logadamw(
@@ -110,7 +105,6 @@ def logadamw(
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
     dampen_scale: chex.Numeric | Literal["auto"] = 1.0,
-    dampen_curve: Curve | None = None,
     mu_dtype: jnp.dtype | None = None,
     nesterov: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -144,7 +138,6 @@ def logadamw(
         of it), or a function of the params that returns one; ``None``: all.
       dampen_scale: the knee :math:`s > 0` of the dampening, or ``"auto"`` (a knee per
         tensor that follows its running RMS; see :func:`log_dampen`).
-      dampen_curve: ``"log1p"``, ``"linlog"`` or None (see :func:`logadam`).
       mu_dtype: dtype of the first moment (``None``: that of the parameters).
       nesterov: whether to use Nesterov momentum (NAdamW).
 
@@ -169,9 +162,9 @@ def logadamw(
       Neural Networks: the LogAdam optimizer
       <https://torontoai.org/2018/03/31/a-magnetosphere-for-neural-networks/>`_, 2018.
     """
-    _check_adam_arguments(b1, b2, eps, dampen_scale, dampen_curve)
+    _check_adam_arguments(b1, b2, eps, dampen_scale)
     return optax.chain(
-        log_dampen(dampen_scale, curve=dampen_curve),
+        log_dampen(dampen_scale),
         optax.scale_by_adam(
             b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov
         ),

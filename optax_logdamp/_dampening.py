@@ -24,8 +24,6 @@ from optax_logdamp._numerics import sum_of_squares
 from optax_logdamp._validation import (
     as_float,
     check_inexact_leaves,
-    check_not_half_precision,
-    check_open_unit_interval,
     check_params_match,
     check_positive,
     check_state_type,
@@ -33,7 +31,7 @@ from optax_logdamp._validation import (
 )
 
 
-def _check_scale(scale: chex.Numeric, name: str = "scale") -> None:
+def check_scale(scale: chex.Numeric, name: str = "scale") -> None:
     """Refuses a concrete scale outside ``[MIN_SCALE, MAX_SCALE]`` (or not > 0).
 
     ``name`` is the argument the user gave it as (``dampen_scale`` for :func:`logadam`).
@@ -47,39 +45,18 @@ def _check_scale(scale: chex.Numeric, name: str = "scale") -> None:
         )
 
 
-CURVES = ("log1p", "linlog")
-Curve = Literal["log1p", "linlog"]
+AUTO_MULTIPLE = 3.0
+"""The automatic knee in units of each tensor's running RMS."""
 
-
-def _check_curve(curve: str | None, name: str = "curve") -> None:
-    """Refuses a dampening curve other than ``"log1p"`` (the seed's), ``"linlog"`` or None."""
-    if curve is not None and curve not in CURVES:
-        raise ValueError(
-            f'{name} must be one of {CURVES} ("log1p": s*log1p(|g|/s), the seed\'s; "linlog": '
-            f"the identity up to the knee s, s*(1 + log(|g|/s)) above) or None (linlog with "
-            f'"auto", log1p with a number), got {curve!r}.'
-        )
-
-
-def default_curve(scale: chex.Numeric | str, curve: Curve | None) -> Curve:
-    """``curve``, or when it is None the default of ``scale``'s kind.
-
-    A numeric knee keeps the seed's ``"log1p"`` (bitwise the original LogAdam); the
-    automatic knee, which sits at a few RMS, bends ordinary elements on ``"log1p"`` (at
-    3x RMS an element at 1x RMS loses 14 %), so ``"auto"`` takes ``"linlog"``, the
-    identity below its knee.
-    """
-    if curve is not None:
-        return curve
-    return "linlog" if isinstance(scale, str) else "log1p"
-
+AUTO_DECAY = 0.999
+"""The decay of each tensor's running ``log(mean(g**2))``, for the automatic knee."""
 
 def _cast_scale(scale: chex.Numeric, dtype: jnp.dtype) -> jax.Array | float:
     """A Python number stays weakly typed; an array is cast to the compute dtype."""
     return scale if isinstance(scale, (int, float)) else jnp.asarray(scale, dtype)
 
 
-def dampen(g: jax.Array, scale: chex.Numeric = 1.0, *, curve: Curve | None = "log1p") -> jax.Array:
+def dampen(g: jax.Array, scale: chex.Numeric = 1.0) -> jax.Array:
     r"""Log-dampens one array: ``scale * sign(g) * log1p(|g| / scale)``.
 
     .. math::
@@ -93,8 +70,6 @@ def dampen(g: jax.Array, scale: chex.Numeric = 1.0, *, curve: Curve | None = "lo
       g: the array to dampen.
       scale: the knee :math:`s`, a number in ``[1e-20, 1e20]``; the map is close to the
         identity for ``|g| << scale`` and logarithmic above it.
-      curve: ``"log1p"`` or ``"linlog"`` (the identity up to the knee; see
-        :func:`log_dampen`); None is ``"log1p"``, the default of a numeric knee.
 
     Returns:
       The dampened array, same shape and dtype as ``g``.
@@ -111,16 +86,20 @@ def dampen(g: jax.Array, scale: chex.Numeric = 1.0, *, curve: Curve | None = "lo
       <https://torontoai.org/2018/03/31/a-magnetosphere-for-neural-networks/>`_,
       2018.
     """
-    _check_scale(scale)
-    _check_curve(curve)
-    return _dampen(g, scale, curve=default_curve(scale, curve))
+    check_scale(scale)
+    return dampen_unchecked(g, scale)
 
 
-def _dampen(
-    g: jax.Array, scale: chex.Numeric, power_of_two: bool = False, curve: Curve = "log1p"
+def dampen_unchecked(
+    g: jax.Array, scale: chex.Numeric, power_of_two: bool = False, linlog: bool = False
 ) -> jax.Array:
-    """:func:`dampen` without the check of ``scale``; see :func:`dampen_magnitude`."""
-    magnitude_map = _MAGNITUDE_MAPS[curve]
+    """:func:`dampen` without the check of ``scale``, on either curve.
+
+    ``linlog``: the identity up to the knee and ``s (1 + log(|g| / s))`` above it (the
+    automatic knee's curve), instead of ``s log1p(|g| / s)``. ``power_of_two``: ``scale``
+    is known to be a power of two (see :func:`dampen_magnitude`).
+    """
+    magnitude_map = linlog_magnitude if linlog else dampen_magnitude
     g = jnp.asarray(g)
     if jnp.issubdtype(g.dtype, jnp.complexfloating):
         magnitude = jnp.abs(g)
@@ -144,9 +123,6 @@ def _dampen(
     return out
 
 
-_MAGNITUDE_MAPS = {"log1p": dampen_magnitude, "linlog": linlog_magnitude}
-
-
 @document_fields
 class LogDampenState(NamedTuple):
     """State of ``log_dampen(scale="auto")``: the running scale of each tensor's updates.
@@ -166,13 +142,7 @@ class LogDampenState(NamedTuple):
     log_mean_square: Any
 
 
-def log_dampen(
-    scale: chex.Numeric | Literal["auto"] = 1.0,
-    *,
-    auto_multiple: chex.Numeric = 3.0,
-    auto_decay: chex.Numeric = 0.999,
-    curve: Curve | None = None,
-) -> optax.GradientTransformation:
+def log_dampen(scale: chex.Numeric | Literal["auto"] = 1.0) -> optax.GradientTransformation:
     r"""Compresses every update element logarithmically (the "LogAdam" dampening).
 
     Each element :math:`g` of the updates becomes
@@ -183,27 +153,26 @@ def log_dampen(
     where the knee :math:`s` is ``scale`` (:math:`s = 1`: the original
     ``sign(g) * log(1 + |g|)``). The map is odd, monotone, has slope 1 at the origin,
     never increases a magnitude and maps every finite input to a finite output, so a
-    spike is compressed, its direction kept; NaN stays NaN. With ``scale="auto"`` each
-    tensor :math:`T` (leaf) gets at its :math:`t`-th step the knee
+    spike is compressed, its direction kept; NaN stays NaN.
+
+    With ``scale="auto"`` the knee follows each tensor's own scale, so it works whatever
+    the units of the gradient: each tensor :math:`T` (leaf) gets at its :math:`t`-th
+    step the knee
 
     .. math::
-      s_T = \operatorname{pow2}\!\left(k \exp\frac{\lambda_T}{2 (1 - \beta^{t-1})}\right),
+      s_T = \operatorname{pow2}\!\left(3 \exp\frac{\lambda_T}{2 (1 - \beta^{t-1})}\right),
       \qquad
       \lambda_T \leftarrow \beta \lambda_T + (1 - \beta) \log \operatorname{mean}_T(g^2),
 
-    :math:`k` times its running geometric-mean RMS, rounded to a power of two; a tensor's
+    three times its running geometric-mean RMS (:math:`\beta = 0.999`), rounded to a
+    power of two, and the curve is the identity up to the knee and logarithmic above
+    it, :math:`s (1 + \log(|g| / s))`: ordinary elements pass unchanged, and a tensor's
     updates pass unchanged until it has a scale. Dtypes, accuracy, the knee's details:
     :doc:`the log-dampening guide </guide/log_dampen>`.
 
     Args:
       scale: the knee :math:`s`, in the units of the gradient, in ``[1e-20, 1e20]``, or
         ``"auto"``. May be a traced array (``optax.inject_hyperparams``), then unchecked.
-      auto_multiple: with ``"auto"``, :math:`k > 0`, the knee in units of the RMS.
-      auto_decay: with ``"auto"``, :math:`\beta \in (0, 1)`, the decay of :math:`\lambda_T`.
-      curve: ``"log1p"`` (the formula above) or ``"linlog"``: :math:`|g|` up to the knee
-        and :math:`s (1 + \log(|g| / s))` above it (slope 1 at the knee: ordinary updates
-        below it pass bitwise unchanged). None (default): ``"log1p"`` with a numeric
-        ``scale``, ``"linlog"`` with ``"auto"``.
 
     Returns:
       An :class:`optax.GradientTransformation`: stateless for a numeric ``scale``;
@@ -226,19 +195,17 @@ def log_dampen(
       <https://torontoai.org/2018/03/31/a-magnetosphere-for-neural-networks/>`_,
       2018.
     """
-    _check_curve(curve)
-    curve = default_curve(scale, curve)
     if isinstance(scale, str):
         if scale != "auto":
             raise ValueError(f'scale must be a number or "auto", got {scale!r}.')
-        return _log_dampen_auto(auto_multiple, auto_decay, curve)
-    _check_scale(scale)
+        return _log_dampen_auto()
+    check_scale(scale)
 
     def update_fn(updates, state, params=None):
         check_params_match("log_dampen", updates, params)
         check_inexact_leaves("log_dampen", updates)
         leaves, treedef = jax.tree.flatten(updates)
-        damped = map_leaves(lambda g: _dampen(g, scale, curve=curve), leaves)
+        damped = map_leaves(lambda g: dampen_unchecked(g, scale), leaves)
         return treedef.unflatten(damped), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
@@ -252,13 +219,8 @@ def _mean_square(g: jax.Array) -> jax.Array:
 _AUTO = 'log_dampen("auto")'
 
 
-def _log_dampen_auto(
-    multiple: chex.Numeric, decay: chex.Numeric, curve: Curve = "log1p"
-) -> optax.GradientTransformation:
+def _log_dampen_auto() -> optax.GradientTransformation:
     """``log_dampen(scale="auto")``: each tensor's knee follows its running RMS."""
-    check_positive("auto_multiple", multiple)
-    check_not_half_precision("auto_decay", decay)
-    check_open_unit_interval("auto_decay", decay)
 
     def update_fn(updates, state, params=None):
         check_params_match(_AUTO, updates, params)
@@ -275,7 +237,7 @@ def _log_dampen_auto(
         )
         check_inexact_leaves("log_dampen", updates)
         log_steps = jax.tree.map(lambda g: jnp.log(_mean_square(g)), updates)
-        return dampen_at_knees(updates, state, log_steps, multiple, decay, curve)
+        return dampen_at_knees(updates, state, log_steps)
 
     return optax.GradientTransformation(init_knees, update_fn)
 
@@ -288,17 +250,25 @@ def init_knees(params: Any) -> LogDampenState:
     )
 
 
+def auto_knee(count: jax.Array, log_mean_square: jax.Array) -> jax.Array:
+    """A tensor's knee: :data:`AUTO_MULTIPLE` x its running geometric-mean RMS, a power of two.
+
+    ``count`` and ``log_mean_square`` are the tensor's entries of a
+    :class:`LogDampenState` (the moving average is bias-corrected here).
+    """
+    decay = jnp.float32(AUTO_DECAY)
+    log_rms = 0.5 * log_mean_square / (1 - lax.pow(decay, jnp.maximum(count, 1)))
+    return nearest_power_of_two(AUTO_MULTIPLE * jnp.exp(log_rms))
+
+
 def dampen_at_knees(
     updates: Any,
     state: LogDampenState,
     log_steps: Any,
-    multiple: chex.Numeric,
-    decay: chex.Numeric,
-    curve: Curve = "log1p",
 ) -> tuple[Any, LogDampenState]:
-    """Dampens each tensor at its knee on ``curve``, then folds the step's ``log(mean(g**2))`` in.
+    """Dampens each tensor above its knee, then folds the step's ``log(mean(g**2))`` in.
 
-    The knee is ``multiple`` x the tensor's running geometric-mean RMS (from ``state``,
+    The knee is :data:`AUTO_MULTIPLE` x the tensor's running geometric-mean RMS (from ``state``,
     before this step), rounded to a power of two; a tensor with no step folded in yet
     passes unchanged. ``log_steps`` holds, per tensor, the log mean square of this
     step's updates; a non-finite one (all-zero or non-finite updates) is not folded.
@@ -307,15 +277,11 @@ def dampen_at_knees(
     the reduction it follows (XLA's float32 ``log`` can differ by an ulp between a
     reduction's fusion and a loop's, and the state is bitwise that of the ungrouped path).
     """
-    decay = jnp.asarray(decay, jnp.float32)
-
-    def knee(count, log_mean_square):
-        """``multiple`` x the running geometric-mean RMS, rounded to a power of two."""
-        log_rms = 0.5 * log_mean_square / (1 - lax.pow(decay, jnp.maximum(count, 1)))
-        return nearest_power_of_two(multiple * jnp.exp(log_rms))
+    decay = jnp.float32(AUTO_DECAY)
 
     def dampen_leaf(g, count, log_mean_square):
-        damped = _dampen(g, knee(count, log_mean_square), power_of_two=True, curve=curve)
+        knee = auto_knee(count, log_mean_square)
+        damped = dampen_unchecked(g, knee, power_of_two=True, linlog=True)
         return jnp.where(count > 0, damped, g)  # no scale yet: unchanged
 
     def fold(log_step, count, log_mean_square):

@@ -1,4 +1,4 @@
-"""Diagnostics for logging: the ALRC statistics of an optimizer state as scalars."""
+"""Diagnostics for logging: how often the defences in an optimizer state acted."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_logdamp._alrc import ALRCState, find_alrc_states, signal_of
+from optax_logdamp._dampening import LogDampenState, auto_knee
+from optax_logdamp._statistics import ALRCState, find_alrc_states, signal_of
 from optax_logdamp._validation import is_concrete
 
 
@@ -46,55 +47,84 @@ def _state_diagnostics(state: ALRCState) -> dict[str, jax.Array]:
     }
 
 
-def alrc_diagnostics(opt_state: Any) -> dict[str, jax.Array]:
-    r"""Finds every ALRC state in an optimizer state and returns its statistics as scalars.
+def diagnostics(opt_state: Any, grads: Any = None) -> dict[str, jax.Array]:
+    r"""How often the defences in an optimizer state acted, as scalars to log.
 
-    The states are found anywhere in the tree (a chain, ``inject_hyperparams``,
-    ``MultiSteps``, ``masked``, a Flax ``TrainState.opt_state`` or an
-    ``nnx.Optimizer.opt_state``). Each gives ``threshold``, ``scale`` (the last step's
-    factor), ``num_clipped``, ``mean``, ``num_steps``, ``num_nonfinite`` and
+    Every ALRC statistic (:func:`spike_guard`, :func:`alrc`, :func:`alrc_per_example`) is
+    found anywhere in the tree (a chain, ``inject_hyperparams``, ``MultiSteps``,
+    ``masked``, a Flax ``TrainState.opt_state`` or an ``nnx.Optimizer.opt_state``) and
+    gives: ``num_clipped``, the steps (examples for :func:`alrc_per_example`) capped so
+    far; ``num_nonfinite``, the steps skipped because a statistic was not finite;
+    ``scale``, the last step's factor; ``threshold``, ``mean``, ``std`` and
+    ``num_steps``; and
 
     .. math::
-      \mathrm{clip\_rate} = \frac{\mathrm{num\_clipped}}{\max(1, \mathrm{num\_losses})},
-      \qquad \mathrm{std} = \sqrt{\max(0, \mathrm{var})}.
+      \mathrm{clip\_rate} = \frac{\mathrm{num\_clipped}}{\max(1, \mathrm{num\_losses})}.
 
-    Those of the gradient norm are prefixed ``grad_norm/``; several states of one signal
-    are prefixed by their paths in the tree instead. Works inside ``jit`` and outside;
-    without ALRC the dict is empty, so a run whose configuration switches the defence
-    off logs nothing. Names and what to watch: :doc:`the guide </guide/diagnostics>`.
+    Those of the gradient norm (:func:`spike_guard`'s) are prefixed ``grad_norm/``;
+    several states of one signal are prefixed by their paths in the tree instead.
+
+    With ``grads``, the gradients given to ``update`` with this ``opt_state``, the
+    automatic knee of :func:`log_dampen` (``"auto"``, as in
+    ``logadam(dampen_scale="auto")``) adds ``dampen/bent_fraction``, the fraction of
+    the elements above their tensor's knee, which the dampening bends, and
+    ``dampen/tensors_bent``, how many tensors have one. Computing them reads every
+    gradient once more, so they cost only when asked for.
+
+    Works inside ``jit`` and outside; a state without a defence gives an empty dict.
+    Names and what to watch: :doc:`the guide </guide/diagnostics>`.
 
     Args:
-      opt_state: an optimizer state, or any tree that holds ALRC states.
+      opt_state: an optimizer state, or any tree that holds the defences' states.
+      grads: optional, the gradients of this step, before ``update``.
 
     Returns:
-      A flat ``dict`` from names to scalar arrays (empty if the tree holds no
-      :class:`~optax_logdamp.ALRCState`).
+      A flat ``dict`` from names to scalar arrays.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> import optax
-      >>> from optax_logdamp import alrc, alrc_diagnostics, logadam, to_python_numbers
-      >>> tx = optax.chain(alrc(), logadam(1e-3))
+      >>> from optax_logdamp import diagnostics, spike_guard, to_python_numbers
+      >>> tx = optax.chain(spike_guard(), optax.adam(1e-3))
       >>> params = jnp.zeros(3)
       >>> opt_state = tx.init(params)
-      >>> _, opt_state = tx.update(jnp.ones(3), opt_state, params, value=2.0)
-      >>> to_python_numbers(alrc_diagnostics(opt_state))
-      {'threshold': 8.0, 'scale': 1.0, 'num_clipped': 0, 'clip_rate': 0.0, 'mean': 2.0,
-       'std': 0.0, 'num_steps': 1, 'num_nonfinite': 0}
-
-    References:
-      J. M. Ede and R. Beanland, `Adaptive Learning Rate Clipping Stabilizes
-      Learning <https://arxiv.org/abs/1906.09060>`_, 2020.
+      >>> _, opt_state = tx.update(jnp.ones(3), opt_state, params)
+      >>> numbers = to_python_numbers(diagnostics(opt_state))
+      >>> numbers["grad_norm/num_clipped"], numbers["grad_norm/num_nonfinite"]
+      (0, 0)
     """
     found = find_alrc_states(opt_state)
     prefixes = ["" if signal_of(path) == "loss" else f"{signal_of(path)}/" for path, _ in found]
     if len(set(prefixes)) < len(prefixes):
         prefixes = [f"{_path_name(path)}/" for path, _ in found]
-    diagnostics = {}
+    numbers = {}
     for prefix, (_, state) in zip(prefixes, found, strict=True):
         for name, value in _state_diagnostics(state).items():
-            diagnostics[prefix + name] = value
-    return diagnostics
+            numbers[prefix + name] = value
+    if grads is not None:
+        numbers.update(_dampening_diagnostics(opt_state, grads))
+    return numbers
+
+
+def _dampening_diagnostics(opt_state: Any, grads: Any) -> dict[str, jax.Array]:
+    """``dampen/bent_fraction`` and ``dampen/tensors_bent`` of the first automatic knee."""
+    is_knees = lambda node: isinstance(node, LogDampenState)  # noqa: E731
+    knees = [node for node in jax.tree.leaves(opt_state, is_leaf=is_knees) if is_knees(node)]
+    if not knees:
+        return {}
+    state = knees[0]
+    leaves, treedef = jax.tree.flatten(grads)
+    counts = treedef.flatten_up_to(state.count)
+    log_mean_squares = treedef.flatten_up_to(state.log_mean_square)
+    bent, total, tensors = jnp.zeros([], jnp.float32), 0, jnp.zeros([], jnp.int32)
+    for g, count, log_mean_square in zip(leaves, counts, log_mean_squares, strict=True):
+        knee = auto_knee(count, log_mean_square)
+        above = jnp.sum(jnp.abs(g) > knee.astype(jnp.result_type(g)), dtype=jnp.int32)
+        above = jnp.where(count > 0, above, 0)  # no knee yet: passed unchanged
+        bent = bent + above.astype(jnp.float32)
+        tensors = tensors + (above > 0).astype(jnp.int32)
+        total += g.size
+    return {"dampen/bent_fraction": bent / max(total, 1), "dampen/tensors_bent": tensors}
 
 
 def to_python_numbers(diagnostics: dict[str, Any]) -> dict[str, int | float]:
@@ -103,11 +133,11 @@ def to_python_numbers(diagnostics: dict[str, Any]) -> dict[str, int | float]:
     A float32 value becomes the shortest decimal that reads back as the same float32:
     a clip rate of 1/100 is ``0.01``, where ``float()`` would give its float64
     expansion ``0.009999999776482582``; counters stay integers (``8``, not ``8.0``).
-    Call it outside ``jit``, on the dict that :func:`alrc_diagnostics` returned.
+    Call it outside ``jit``, on the dict that :func:`diagnostics` returned.
 
     Args:
       diagnostics: names to scalars (arrays or numbers), such as
-        :func:`alrc_diagnostics` returns.
+        :func:`diagnostics` returns.
 
     Returns:
       A ``dict`` with the same keys and ``int`` or ``float`` values.
@@ -124,8 +154,8 @@ def to_python_numbers(diagnostics: dict[str, Any]) -> dict[str, int | float]:
             raise TypeError(
                 f"to_python_numbers: {name!r} is a traced value: this runs inside jax.jit (or "
                 "another JAX transformation), where values are not known yet. Call it outside "
-                "jit, on the returned state: return opt_state (or alrc_diagnostics(opt_state)) "
-                "from the jitted step, then to_python_numbers(alrc_diagnostics(opt_state))."
+                "jit, on the returned state: return opt_state (or diagnostics(opt_state)) "
+                "from the jitted step, then to_python_numbers(diagnostics(opt_state))."
             )
         array = np.asarray(value)
         if array.ndim != 0:

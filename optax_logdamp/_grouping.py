@@ -34,12 +34,8 @@ GROUP_SIZE = 16
 MAX_GROUPED_SIZE = 2**16
 """The largest tensor (in elements) that is grouped; a larger one keeps its fused kernel."""
 
-ENABLED: bool | None = None
-"""Whether to group: None (default) groups on a single CPU device only (:func:`enabled`)."""
-
-
 def enabled() -> bool:
-    """Whether :func:`map_leaves` groups: :data:`ENABLED`, or by default on one CPU device.
+    """Whether :func:`map_leaves` groups: on a single CPU device only.
 
     Compile time per kernel copy is the CPU's problem, measured there. Elsewhere each
     tensor keeps its own fused kernel: on a GPU a loop iteration has a launch cost of
@@ -47,8 +43,6 @@ def enabled() -> bool:
     resharded (under explicit sharding :func:`groups_of` never mixes them, but under
     automatic sharding their layouts are not known while tracing).
     """
-    if ENABLED is not None:
-        return ENABLED
     return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 

@@ -8,14 +8,12 @@ checked either way).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import jax
 import jax.core
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 
 def is_concrete(value: Any) -> bool:
@@ -232,44 +230,3 @@ def check_inexact_leaves(transform: str, updates: Any) -> None:
                 "not trained (integer counters, buffers) can be left out of the optimizer with "
                 "optax.masked or optax.multi_transform."
             )
-
-
-def inside_multi_steps() -> bool:
-    """Whether the caller runs inside :meth:`optax.MultiSteps.update`, at any depth.
-
-    ``MultiSteps`` has no hook that tells its inner transform where it runs, and the
-    inner ``update`` gets nothing that differs from a plain call. What is certain is
-    that ``MultiSteps.update`` calls (and, under ``jit`` or ``lax.cond``, traces) the
-    inner ``update`` while its own frame is on the Python stack, so the frames are
-    searched for its code object. A subclass that calls ``super().update`` is found
-    too; a gradient accumulator of one's own is not. This runs in Python, once per
-    trace under ``jit``; it returns False where frames cannot be inspected.
-    """
-    target = optax.MultiSteps.update.__code__
-    frame = inspect.currentframe()
-    while frame is not None:
-        if frame.f_code is target:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def refuse_inside_multi_steps(transform: str) -> None:
-    """Refuses a loss-fed transform called inside ``optax.MultiSteps``.
-
-    ``MultiSteps`` calls the inner ``update`` at every micro-step with that
-    micro-batch's ``value`` and keeps the inner state of the last micro-step only, so
-    a loss-based clip would judge the accumulated gradient by the last micro-batch's
-    loss alone and let spikes of the others through. Outside, it caps each micro-batch
-    by its own loss.
-    """
-    if inside_multi_steps():
-        raise ValueError(
-            f"{transform} is inside optax.MultiSteps, which calls it at every micro-step "
-            "but keeps only the last micro-step's state: it would judge the accumulated "
-            "gradient by the last micro-batch's loss alone, and spikes in the other "
-            "micro-batches would pass unclipped. Put it outside, where it caps every "
-            "micro-batch by its own loss: optax.chain(alrc(...), "
-            "optax.MultiSteps(optimizer, every_k_schedule=k).gradient_transformation()); "
-            'or use alrc(signal="grad_norm") inside, which judges the accumulated gradient.'
-        )
