@@ -31,11 +31,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +46,7 @@ import optax
 from lm_spike_benchmark import BATCH, CONTEXT, VOCAB, init_gpt, lm_loss
 
 import optax_logdamp as old
+import optax_logdamp._grouping as grouping
 
 from contenders import Base
 from reporting import machine_line, markdown_table
@@ -89,6 +92,8 @@ PAIRS: tuple[tuple[str, Callable[[], Any], Callable[[], Any]], ...] = (
     ),
     ("logadamw / adamw", lambda: optax.adamw(1e-3), lambda: old.logadamw(1e-3)),
 )
+# --per-tensor: the dampening pairs again, with the kernel traced per tensor (no grouping).
+PER_TENSOR = ("logadam(auto) / adam", "logadamw / adamw")
 
 
 def make_step(tx: optax.GradientTransformation, heads: int) -> Callable:
@@ -105,8 +110,9 @@ def make_step(tx: optax.GradientTransformation, heads: int) -> Callable:
 class Runner:
     """One optimizer on one model: its compile times, its compiled step, its step times."""
 
-    def __init__(self, tx: optax.GradientTransformation, model: Model, windows: jax.Array):
+    def __init__(self, tx, model: Model, windows: jax.Array, grouped: bool | None = None):
         self.tx, self.model, self.windows = tx, model, windows
+        self.grouped = grouping.enabled() if grouped is None else grouped
         self.compile_s: list[float] = []
         self.step_s: list[float] = []
         self.compiled = self.params = self.state = None
@@ -115,9 +121,11 @@ class Runner:
         """One first lower + compile of a fresh jitted step (nothing cached in between)."""
         params = jax.tree.map(jnp.copy, self.model.params)
         state = self.tx.init(params)
-        start = time.perf_counter()
-        compiled = make_step(self.tx, self.model.heads).lower(params, state, self.windows).compile()
-        self.compile_s.append(time.perf_counter() - start)
+        with mock.patch.object(grouping, "enabled", lambda: self.grouped):
+            start = time.perf_counter()
+            lowered = make_step(self.tx, self.model.heads).lower(params, state, self.windows)
+            compiled = lowered.compile()
+            self.compile_s.append(time.perf_counter() - start)
         self.compiled, self.params, self.state = compiled, params, state
 
     def run(self, record: bool) -> None:
@@ -128,11 +136,19 @@ class Runner:
             self.step_s.append(time.perf_counter() - start)
 
 
-def race_model(model: Model, repeats: int, steps: int, warmup: int) -> list[list[str]]:
+def race_model(
+    model: Model, repeats: int, steps: int, warmup: int, per_tensor: bool
+) -> list[list[str]]:
     """The table rows of one model: each pair's compile and step times and ratios."""
     rng = np.random.default_rng(0)
     windows = jnp.asarray(rng.integers(0, VOCAB, (BATCH, CONTEXT + 1)), jnp.int32)
-    runners = [(Runner(a(), model, windows), Runner(b(), model, windows)) for _, a, b in PAIRS]
+    pairs = [(name, a, b, None) for name, a, b in PAIRS]
+    if per_tensor:
+        pairs += [(f"{n}, per tensor", a, b, False) for n, a, b in PAIRS if n in PER_TENSOR]
+    runners = [
+        (Runner(a(), model, windows), Runner(b(), model, windows, grouped))
+        for _, a, b, grouped in pairs
+    ]
     flat = [runner for pair in runners for runner in pair]
     for _ in range(repeats):  # alternate: without, with, without, with, ...
         for runner in flat:
@@ -144,7 +160,7 @@ def race_model(model: Model, repeats: int, steps: int, warmup: int) -> list[list
     n = sum(p.size for p in jax.tree.leaves(model.params))
     tensors = len(jax.tree.leaves(model.params))
     rows = []
-    for (name, _, _), (without, with_) in zip(PAIRS, runners, strict=True):
+    for (name, *_), (without, with_) in zip(pairs, runners, strict=True):
         compile_a, compile_b = min(without.compile_s), min(with_.compile_s)
         step_a, step_b = statistics.median(without.step_s), statistics.median(with_.step_s)
         paired = statistics.median(b / a for a, b in zip(without.step_s, with_.step_s, strict=True))
@@ -205,17 +221,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each optimizer")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=None, help="write whole_step.md here")
+    parser.add_argument(
+        "--per-tensor",
+        action="store_true",
+        help="also race the dampening pairs with the kernel traced per tensor (no grouping)",
+    )
     args = parser.parse_args(argv)
     rows = []
     for model in models(args.models):
-        rows += race_model(model, args.repeats, args.steps, args.warmup)
+        rows += race_model(model, args.repeats, args.steps, args.warmup, args.per_tensor)
         print(markdown_table(HEADER, rows), flush=True)
     command = " ".join(["python benchmarks/whole_step.py", *(argv or sys.argv[1:])])
     text = report(rows, args.repeats, args.steps, command)
     print(text)
     if args.out:
-        import os
-
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "whole_step.md"), "w") as f:
             f.write(text)

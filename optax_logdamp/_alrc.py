@@ -32,7 +32,12 @@ from optax_logdamp._statistics import (
     signal_transform,
     zero_if_skipped,
 )
-from optax_logdamp._validation import check_params_match, check_state_type, loss_array
+from optax_logdamp._validation import (
+    check_inexact_leaves,
+    check_params_match,
+    check_state_type,
+    loss_array,
+)
 
 
 @document_fields
@@ -196,6 +201,7 @@ def alrc_per_example(
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         del extra_args
         check_params_match("alrc_per_example", updates, params)
+        check_inexact_leaves("alrc_per_example", updates)
         check_state_type("alrc_per_example", state, ALRCPerExampleState)
         losses = loss_array("alrc_per_example", value).astype(jnp.float32)
         if losses.ndim == 0:

@@ -51,6 +51,7 @@ AUTO_MULTIPLE = 3.0
 AUTO_DECAY = 0.999
 """The decay of each tensor's running ``log(mean(g**2))``, for the automatic knee."""
 
+
 def _cast_scale(scale: chex.Numeric, dtype: jnp.dtype) -> jax.Array | float:
     """A Python number stays weakly typed; an array is cast to the compute dtype."""
     return scale if isinstance(scale, (int, float)) else jnp.asarray(scale, dtype)

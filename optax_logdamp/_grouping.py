@@ -34,6 +34,7 @@ GROUP_SIZE = 16
 MAX_GROUPED_SIZE = 2**16
 """The largest tensor (in elements) that is grouped; a larger one keeps its fused kernel."""
 
+
 def enabled() -> bool:
     """Whether :func:`map_leaves` groups: on a single CPU device only.
 

@@ -268,7 +268,7 @@ def dampen_magnitude(
         # where the two land at opposite ends of their binades.
         head, tail = parts.split()
         out = _scale_sum(scale, concrete_scale, head, tail - log_scale)
-    out = jnp.where(x < jnp.inf, out, x)  # +inf and NaN pass through
+    out = jnp.where(magnitude < jnp.inf, out, magnitude)  # +inf and NaN pass through
     out = jnp.minimum(out, magnitude)  # |out| <= |g| after rounding
     if concrete_scale != 1.0:
         # Below sqrt(2) - 1, m + s * (log1p(r) - r) does not carry the two roundings
@@ -317,7 +317,7 @@ def linlog_magnitude(
     a magnitude near the largest float) the log is ``log(m) - log(s)``. For float32 the
     result is within 1.5 ulp of the float64 formula for every scale in
     ``[MIN_SCALE, MAX_SCALE]`` (measured: at most 1.31 ulp, at scale 1e-20; below 1 ulp
-    for a power of two; ``tests/test_dampening_linlog.py``); NaN and ``+inf`` pass
+    for a power of two; ``tests/test_dampening.py``); NaN and ``+inf`` pass
     through. float64 uses XLA's ``log``.
     """
     concrete_scale = as_float(scale)

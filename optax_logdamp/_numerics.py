@@ -1,8 +1,8 @@
-"""Shared numerics of the transforms: per-tensor sums of squares and the global norm.
+"""Shared numerics of the transforms: sums of squares and the global norm.
 
-Both :mod:`optax_logdamp._alrc` (the gradient-norm signal) and
-:mod:`optax_logdamp._dampening` (the automatic knee) reduce each tensor to its sum of
-squares; they take it from here, so that the two agree to the bit.
+The gradient-norm signal (:mod:`optax_logdamp._statistics`) and the automatic knee
+(:mod:`optax_logdamp._dampening`) reduce tensors to sums of squares; they take them
+from here.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from optax_logdamp import _grouping as grouping
 
 
 def sum_of_squares(g: jax.Array) -> jax.Array:
@@ -29,9 +31,19 @@ def sum_of_squares(g: jax.Array) -> jax.Array:
 def global_norm(updates: Any) -> jax.Array:
     """The L2 norm of every element of ``updates`` (of the modulus for complex), float32.
 
-    Each leaf's sum of squares is taken by :func:`sum_of_squares`.
+    Sums of squares are taken by :func:`sum_of_squares`, one per group of small tensors
+    of one kind where :func:`~optax_logdamp._grouping.enabled` (one reduction over the
+    group's stack, which XLA fuses: a model of hundreds of tensors compiles a few dozen
+    reductions instead of hundreds), else one per tensor.
     """
-    return norm_of_sums([sum_of_squares(g) for g in jax.tree.leaves(updates)])
+    leaves = jax.tree.leaves(updates)
+    if not grouping.enabled():
+        return norm_of_sums([sum_of_squares(g) for g in leaves])
+    sums = []
+    for group in grouping.groups_of(leaves):
+        members = [leaves[i] for i in group]
+        sums.append(sum_of_squares(members[0] if len(group) == 1 else jnp.stack(members)))
+    return norm_of_sums(sums)
 
 
 def norm_of_sums(sums: list[jax.Array]) -> jax.Array:

@@ -1,9 +1,15 @@
-"""Loss sequences and a runner shared by the ALRC tests."""
+"""Value sequences and runners shared by the ALRC tests (the engine and the transforms)."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from optax_logdamp._statistics import Rule, cap_and_fold, init_state, make_rule
+
+WARMUP = 20  # the default warmup_steps of alrc and alrc_per_example
 
 
 def run_losses(tx, losses, params=None):
@@ -25,6 +31,33 @@ def run_losses(tx, losses, params=None):
         tx.init(params), jnp.asarray(losses, jnp.float32)
     )
     return {"scale": np.asarray(scales), "threshold_used": np.asarray(thresholds), "state": state}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _scan_rule(from_data, num_stddev, decay, warmup_steps, state, values):
+    rule = Rule(num_stddev, decay, warmup_steps, from_data)
+
+    def step(state, value):
+        scale, _, new_state = cap_and_fold(rule, state, value)
+        return new_state, (scale, state.threshold)
+
+    return jax.lax.scan(step, state, values)
+
+
+def run_rule(values, num_stddev=3.0, decay=0.999, warmup_steps=WARMUP, mu1=None, mu2=None):
+    """Feeds ``values`` (one per step, or one row of values per step) to the engine.
+
+    The statistics engine alone (``make_rule``, ``init_state``, then ``cap_and_fold``
+    in a jitted scan), with the rule's hyperparameters as arguments: one compilation
+    per shape of ``values``. Returns per-step ``scale`` (the mean gradient factor),
+    ``threshold`` (the state's threshold before the step) and the final ``state``.
+    """
+    rule = make_rule(num_stddev, decay, mu1, mu2, warmup_steps)
+    state = init_state(rule, mu1, mu2)
+    args = (rule.num_stddev, rule.decay, rule.warmup_steps, state)
+    values = jnp.asarray(values, jnp.float32)
+    state, (scales, thresholds) = _scan_rule(rule.from_data, *args, values)
+    return {"scale": np.asarray(scales), "threshold": np.asarray(thresholds), "state": state}
 
 
 def noisy_training_losses(num_steps, seed, *, start=5.0, end=0.5, noise=0.1):

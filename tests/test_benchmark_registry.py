@@ -46,10 +46,11 @@ def test_every_registry_name_survives_the_comma_separated_flags():
     """--contenders / --only split on commas outside parentheses: each name comes back whole."""
     names = list(REGISTRY)
     assert split_names(",".join(names)) == names
-    assert split_names(" spike_guard , log_dampen(auto, log1p),") == [
+    assert split_names(" spike_guard , alrc(both) + log_dampen(auto),") == [
         "spike_guard",
-        "log_dampen(auto, log1p)",
+        "alrc(both) + log_dampen(auto)",
     ]
+    assert split_names("a(b, c),d") == ["a(b, c)", "d"]  # a comma inside parentheses stays
 
 
 def test_an_unknown_name_lists_the_registry():

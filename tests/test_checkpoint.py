@@ -29,6 +29,7 @@ TRANSFORMS = {
     "alrc": (alrc, False),
     "alrc_per_example": (alrc_per_example, True),
     "logadam": (lambda: logadam(1e-2), False),
+    "logadam_auto": (lambda: logadam(1e-2, dampen_scale="auto"), False),
     "chain": (lambda: optax.chain(alrc(), logadam(1e-2)), False),
     "chain_per_example": (lambda: optax.chain(alrc_per_example(), logadam(1e-2)), True),
     "inject_hyperparams": (
@@ -158,8 +159,12 @@ def test_state_round_trips(name, tmp_path):
         for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ALRCState))
         if isinstance(node, ALRCState)
     ]
-    if name != "logadam" and name != "log_dampen":
-        assert len(alrc_states) == 1 and int(alrc_states[0].num_steps) > 0
+    dampening = name.startswith(("log_dampen", "logadam"))  # no ALRC statistics
+    assert len(alrc_states) == (0 if dampening else 1)
+    assert all(int(state.num_steps) > 0 for state in alrc_states)
+    if name == "logadam_auto":  # the knees' running scales, one per tensor: the NaN batch
+        counts = [int(count) for count in jax.tree.leaves(opt_state[0].count)]
+        assert counts == [NUM_STEPS - 2] * 2  # (step 10) and the NaN params after it skipped
     tree = {"params": params, "opt_state": opt_state}
     assert_trees_identical(orbax_round_trip(tree, tmp_path / "checkpoint"), tree)
     assert_trees_identical(flax_bytes_round_trip(tree), tree)

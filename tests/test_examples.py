@@ -40,7 +40,9 @@ def test_example_trains_and_logs_diagnostics(script, capsys):
     assert "200/200" in err  # the tqdm progress bar ran to the end
     # Logged numbers are plain: counters are ints, float32 values their shortest decimal.
     assert re.search(r"'num_clipped': \d+, ", out) and re.search(r"'num_steps': 200, ", out)
-    for value in re.findall(r"'(?:clip_rate|mean|std|threshold)': ([^,}]+)", out):
+    floats = re.findall(r"'(?:clip_rate|mean|std|threshold)': ([^,}]+)", out)
+    assert floats
+    for value in floats:
         assert value == str(np.float32(value)), value  # not 0.009999999776482582
     # Every redraw of the bar (capsys is not a terminal) shows the count of its own step:
     # a postfix first set at step 25 never appears next to a count below 25.

@@ -207,3 +207,18 @@ def test_grouping_works_under_vmap():
         for _ in range(2):
             single, single_state = tx.update(member, single_state)
         assert_bitwise(jax.tree.map(lambda u, k=k: u[k], updates), single)
+
+
+def test_the_global_norm_is_one_reduction_per_group():
+    """Grouped, the gradient norm of many small tensors is a few reductions, and equals
+    the float64 norm to float32 rounding."""
+    from optax_logdamp._numerics import global_norm
+
+    tree = make_tree()
+    grads = grads_at(tree, 1)
+    grads = {k: v for k, v in grads.items() if jnp.all(jnp.isfinite(v))}
+    assert len(grads) >= 40
+    hlo = jax.jit(global_norm).lower(grads).as_text()
+    assert hlo.count("stablehlo.reduce") <= 10  # 3 groups of (8, 16), 1 of (5,), 4 alone
+    exact = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads.values()))
+    np.testing.assert_allclose(global_norm(grads), exact, rtol=1e-6)

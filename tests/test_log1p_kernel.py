@@ -1,7 +1,7 @@
 """The cheap-op float32 ``log1p`` kernel on its own (``optax_logdamp._log1p_kernel``).
 
-``tests/test_fast_dampening.py`` checks the dampening built on it end to end; these
-tests pin the kernel's own contract, so a change to it fails here first.
+``tests/test_dampening.py`` checks both curves built on it end to end; these tests pin
+the kernel's own contract, so a change to it fails here first.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_logdamp._log1p_kernel import _log1p_f32, with_sign_of
+from optax_logdamp._log1p_kernel import _log1p_f32, nearest_power_of_two, with_sign_of
 
 F32 = np.finfo(np.float32)
 
@@ -71,3 +71,18 @@ def test_with_sign_of_is_copysign_for_every_sign():
     want = np.copysign(np.asarray(magnitude), np.asarray(g))
     np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
     np.testing.assert_array_equal(got, want)
+
+
+def test_nearest_power_of_two_on_a_log_scale_within_its_range():
+    rng = np.random.default_rng(2)
+    x = np.float32(10.0 ** rng.uniform(-19, 19, 100_000))
+    got = np.asarray(jax.jit(nearest_power_of_two)(jnp.asarray(x)), np.float64)
+    exponents = np.log2(got)
+    np.testing.assert_array_equal(exponents, np.round(exponents))  # exactly 2**k
+    ratio = got / x.astype(np.float64)
+    assert np.all((ratio >= 2**-0.5) & (ratio <= 2**0.5))  # the nearest on a log scale
+    edges = np.float32([1.0, 2.0**-66, 2.0**66, 1e-30, 1e30, 3.0, 0.75])
+    got = np.asarray(nearest_power_of_two(jnp.asarray(edges)))
+    np.testing.assert_array_equal(
+        got, np.float32([1.0, 2.0**-66, 2.0**66, 2.0**-66, 2.0**66, 4.0, 1.0])
+    )
