@@ -42,6 +42,11 @@ relative to the recipe's. Each contender's runs are one jitted, vmapped ``lax.sc
 Finished contenders are kept in ``OUT/cache/`` (keyed by the code and the settings), so
 a run that was stopped resumes, and a report can grow by a contender.
 
+The script reads top to bottom: data, model, contenders (the recipes), scenarios (and
+the plan of what runs where), training, report, main. What it shares with
+``spike_benchmark.py`` (flags, seeds, stacked runs, the sweep, tables, verdicts, the
+machine) is in ``reporting.py``.
+
 Usage::
 
   python benchmarks/lm_spike_benchmark.py                  # quick: 60 steps, 1 seed (~4 min)
@@ -71,16 +76,33 @@ import optax
 from jax import lax
 
 from anchors import count_interventions
-from contenders import Base, build, contender, split_names
+from contenders import Base, build, contender
 from reporting import (
+    Label,
     add_common_flags,
+    base_first,
+    best_of_sweep,
+    command_line,
+    count_cell,
     curve_styles,
-    machine_line,
+    init_key,
+    logger,
     markdown_table,
+    met,
+    method_rows,
     paired_difference,
+    pyplot,
     ratio_cell,
+    record_lines,
+    rows_by_scenario,
+    section,
+    seed_rng,
     source_digest,
+    stack_runs,
+    steps_and_seeds,
     summarize,
+    sweep_text,
+    write_report,
 )
 
 Params = dict[str, Any]
@@ -156,11 +178,24 @@ def gather_windows(text: jax.Array, starts: jax.Array) -> jax.Array:
     return text[starts[..., None] + jnp.arange(CONTEXT + 1)].astype(jnp.int32)
 
 
+def corpus_arrays(corpus: Corpus, heldout_windows: int) -> dict[str, jax.Array]:
+    """The training text and the fixed held-out windows, as device arrays."""
+    heldout = jnp.asarray(corpus.heldout)
+    starts = jnp.asarray(window_starts(len(corpus.heldout), heldout_windows))
+    curve_starts = starts[:: heldout_windows // CURVE_WINDOWS]
+    return {
+        "train": jnp.asarray(corpus.train),
+        "heldout": gather_windows(heldout, starts),
+        "curve": gather_windows(heldout, curve_starts),
+    }
+
+
 # ---------------------------------------------------------------------------- model
 
 
-def init_gpt(key: jax.Array, layers: int = LAYERS, width: int = WIDTH) -> Params:
+def init_gpt(key: jax.Array, layers: int | None = None, width: int | None = None) -> Params:
     """GPT-2-style initialisation: normal(0.02), residual projections scaled by depth."""
+    layers, width = layers or LAYERS, width or WIDTH  # read at call time (tests shrink them)
     keys = iter(jax.random.split(key, 2 + 4 * layers))
 
     def normal(shape, std=0.02):
@@ -191,8 +226,9 @@ def layer_norm(p: Params, x: jax.Array) -> jax.Array:
     return (x - mean) * lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
 
 
-def attention(block: Params, x: jax.Array, heads: int = HEADS) -> jax.Array:
-    """Causal multi-head self-attention."""
+def attention(block: Params, x: jax.Array, heads: int | None = None) -> jax.Array:
+    """Causal multi-head self-attention (``heads``: default :data:`HEADS`)."""
+    heads = heads or HEADS
     batch, length, width = x.shape
     q, k, v = jnp.split(x @ block["qkv"], 3, axis=-1)
     q, k, v = (a.reshape(batch, length, heads, width // heads) for a in (q, k, v))
@@ -203,7 +239,7 @@ def attention(block: Params, x: jax.Array, heads: int = HEADS) -> jax.Array:
     return mixed @ block["proj"]
 
 
-def gpt(params: Params, tokens: jax.Array, heads: int = HEADS) -> jax.Array:
+def gpt(params: Params, tokens: jax.Array, heads: int | None = None) -> jax.Array:
     """Next-byte logits for each position, shape ``tokens.shape + (VOCAB,)``."""
     x = params["embed"][tokens] + params["positions"][: tokens.shape[-1]]
     for block in params["blocks"]:
@@ -212,7 +248,7 @@ def gpt(params: Params, tokens: jax.Array, heads: int = HEADS) -> jax.Array:
     return layer_norm(params["ln_f"], x) @ params["embed"].T
 
 
-def lm_loss(params: Params, windows: jax.Array, heads: int = HEADS) -> jax.Array:
+def lm_loss(params: Params, windows: jax.Array, heads: int | None = None) -> jax.Array:
     """Mean next-byte cross-entropy (nats) over a batch of ``CONTEXT + 1``-byte windows."""
     logits = gpt(params, windows[:, :-1], heads)
     return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
@@ -224,7 +260,18 @@ def heldout_loss(params: Params, windows: jax.Array) -> jax.Array:
     return lax.map(lambda chunk: lm_loss(params, chunk), chunks).mean()
 
 
-# --------------------------------------------------------------------------- recipes
+@jax.jit
+@jax.vmap
+def initial_params(init_key: jax.Array) -> Params:
+    """Every run's initial parameters, from its key (the same for every contender).
+
+    One program outside the training programs: compiling the initialisation into each of
+    them cost about 3.5 s of compilation per contender (measured on 2 CPU cores).
+    """
+    return init_gpt(jax.random.wrap_key_data(init_key))
+
+
+# ----------------------------------------------------------------------- contenders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,8 +326,11 @@ RECIPES = {
     "adam": Recipe("adam", "plain Adam", 1e-3, clip_sweep=(0.1, 0.3, 1.0, 3.0)),
 }
 
+# The anchors (``anchors.py``), each at its published defaults.
+ANCHORS = ("zclip", "skip-step", "adagc", "spam", "update clipping")
 
-# ------------------------------------------------------------------------- scenarios
+
+# ------------------------------------------------------------------------ scenarios
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,9 +370,6 @@ ALL = (*CORE, *UNITS, *RATES[1:])
 # What each run covers: (contender, scenarios). The recipe and spike_guard run every
 # scenario; the anchors the clean and the repeated-byte scenarios (what they do on the others
 # runs with --contenders and --scenarios). A run of 1500 steps takes 35-50 s on 2 CPU cores.
-# The contenders the figures draw with thick lines.
-EMPHASIS = ("base", "spike_guard")
-ANCHORS = ("zclip", "skip-step", "adagc", "spam", "update clipping")
 PLANS: dict[str, dict[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {
     "standard": {
         "full": (
@@ -378,7 +425,7 @@ def seed_streams(seed: int, steps: int, n_train: int, scenario: Scenario) -> dic
     spread scenarios are spread over the whole run; the late ones are drawn from the
     last half of the run by a second generator, so the spread ones do not change.
     """
-    rng = np.random.default_rng(2000 + seed)
+    rng = seed_rng(seed, offset=2000)
     starts = rng.integers(0, n_train - CONTEXT - 1, size=(steps, BATCH), dtype=np.int32)
     num_bad = max(1, round(BAD_FRACTION * steps))
     bad_steps = np.sort(rng.choice(steps, size=num_bad, replace=False))
@@ -386,20 +433,19 @@ def seed_streams(seed: int, steps: int, n_train: int, scenario: Scenario) -> dic
     repeated = np.broadcast_to(rng.integers(0, VOCAB, size=(num_bad, 1, 1)), shape)
     random_bytes = rng.integers(0, VOCAB, size=shape)
     if scenario.late:
-        late_rng = np.random.default_rng(3000 + seed)
+        late_rng = seed_rng(seed, offset=3000)
         bad_steps = np.sort(late_rng.choice(np.arange(steps // 2, steps), num_bad, replace=False))
     bad = np.zeros(steps, bool)
     bad[bad_steps] = scenario.bad != "none"
     slot = np.zeros(steps, np.int32)
     slot[bad_steps] = np.arange(num_bad)
+    bad_batches = random_bytes if scenario.bad == "random_bytes" else repeated
     return {
-        "init_key": np.asarray(jax.random.key_data(jax.random.key(seed))),
+        "init_key": init_key(seed),
         "starts": starts,
         "bad": bad,
         "bad_slot": slot,
-        "bad_batches": (random_bytes if scenario.bad == "random_bytes" else repeated).astype(
-            np.uint8
-        ),
+        "bad_batches": bad_batches.astype(np.uint8),
     }
 
 
@@ -411,25 +457,23 @@ def make_runs(
     peak_lr: float,
     learning_rates: Sequence[float] | None = None,
     hypers: Sequence[float] = (0.0,),
-) -> tuple[Runs, list[tuple[str, int, float, float]]]:
+) -> tuple[Runs, list[Label]]:
     """All (scenario, rate, swept value, seed) runs, stacked, and their labels.
 
     ``learning_rates`` (a sweep) replaces ``peak_lr``; each scenario multiplies it.
     """
-    rows, labels = [], []
-    for name in scenarios:
-        scenario = SCENARIOS[name]
-        for rate in learning_rates or (peak_lr,):
-            for hyper in hypers:
-                for seed in seeds:
-                    stream = seed_streams(seed, steps, n_train, scenario)
-                    stream["learning_rate"] = np.float32(rate * scenario.lr_multiple)
-                    stream["loss_scale"] = np.float32(scenario.loss_scale)
-                    stream["hyper"] = np.float32(hyper)
-                    rows.append(stream)
-                    labels.append((name, seed, rate, hyper))
-    stacked = {field: jnp.asarray(np.stack([r[field] for r in rows])) for field in Runs._fields}
-    return Runs(**stacked), labels
+
+    def row(scenario: Scenario, label: Label) -> dict[str, Any]:
+        return dict(
+            seed_streams(label.seed, steps, n_train, scenario),
+            learning_rate=np.float32(label.rate * scenario.lr_multiple),
+            loss_scale=np.float32(scenario.loss_scale),
+            hyper=np.float32(label.hyper),
+        )
+
+    rates = tuple(learning_rates or (peak_lr,))
+    named = [SCENARIOS[name] for name in scenarios]
+    return stack_runs(Runs, named, seeds, row, rates=rates, hypers=hypers)
 
 
 def training_batch(train: jax.Array, run: Runs, bad, starts, slot) -> jax.Array:
@@ -438,7 +482,7 @@ def training_batch(train: jax.Array, run: Runs, bad, starts, slot) -> jax.Array:
     return jnp.where(bad, run.bad_batches[slot].astype(jnp.int32), windows)
 
 
-# ------------------------------------------------------------------------ training
+# ------------------------------------------------------------------------- training
 
 
 class RunResult(NamedTuple):
@@ -498,7 +542,12 @@ def train_one(
         interventions = jnp.sum(norms > run.hyper, dtype=jnp.int32)
     else:
         interventions = count_interventions(opt_state)
-    return Trained(losses.reshape(-1), norms, snapshots, interventions)
+    return Trained(
+        train_loss=losses.reshape(-1),
+        grad_norm=norms,
+        snapshots=snapshots,
+        interventions=interventions,
+    )
 
 
 @jax.jit
@@ -514,29 +563,6 @@ def evaluate(snapshots: Params, corpus: dict[str, jax.Array]) -> tuple[jax.Array
     last = jax.tree.map(lambda a: a[:, -1], snapshots)
     final = lax.map(lambda p: heldout_loss(p, corpus["heldout"]), last)
     return curve.reshape(num_runs, num_chunks), final
-
-
-def corpus_arrays(corpus: Corpus, heldout_windows: int) -> dict[str, jax.Array]:
-    """The training text and the fixed held-out windows, as device arrays."""
-    heldout = jnp.asarray(corpus.heldout)
-    starts = jnp.asarray(window_starts(len(corpus.heldout), heldout_windows))
-    curve_starts = starts[:: heldout_windows // CURVE_WINDOWS]
-    return {
-        "train": jnp.asarray(corpus.train),
-        "heldout": gather_windows(heldout, starts),
-        "curve": gather_windows(heldout, curve_starts),
-    }
-
-
-@jax.jit
-@jax.vmap
-def initial_params(init_key: jax.Array) -> Params:
-    """Every run's initial parameters, from its key (the same for every contender).
-
-    One program outside the training programs: compiling the initialisation into each of
-    them cost about 3.5 s of compilation per contender (measured on 2 CPU cores).
-    """
-    return init_gpt(jax.random.wrap_key_data(init_key))
 
 
 class Timing(NamedTuple):
@@ -564,49 +590,27 @@ def train_many(
     num_runs, steps = runs.bad.shape
     step_s = (time.perf_counter() - start) / (steps * num_runs)
     curve, final = evaluate(trained.snapshots, corpus)
-    result = RunResult(trained.train_loss, trained.grad_norm, curve, final, trained.interventions)
-    return RunResult(*(np.asarray(a) for a in result)), Timing(compile_s, step_s)
+    result = RunResult(
+        train_loss=trained.train_loss,
+        grad_norm=trained.grad_norm,
+        curve=curve,
+        final=final,
+        interventions=trained.interventions,
+    )
+    return jax.tree.map(np.asarray, result), Timing(compile_s=compile_s, step_s=step_s)
 
 
-def split_by_scenario(outcome: RunResult, labels, scenarios: Sequence[str]) -> dict:
+def split_by_scenario(
+    outcome: RunResult, labels: Sequence[Label], scenarios: Sequence[str]
+) -> dict[str, RunResult]:
     """``{scenario: RunResult over its seeds}`` from the rows of one program."""
-    rows = {s: [i for i, label in enumerate(labels) if label[0] == s] for s in scenarios}
-    return {s: RunResult(*(a[r] for a in outcome)) for s, r in rows.items()}
+    rows = rows_by_scenario(labels, scenarios)
+    return {s: jax.tree.map(lambda a, r=r: a[r], outcome) for s, r in rows.items()}
 
 
 def names_of(plan: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
     """The contenders of a plan, in its order, once each."""
     return list(dict.fromkeys(name for name, _ in plan))
-
-
-TIMING_REPEATS = 2  # each contender's timing program runs twice; the faster run counts
-
-
-def time_steps(
-    names: Sequence[str], recipe: Recipe, corpus, seed: int, steps: int, n_train: int, log
-) -> dict[str, Timing]:
-    """Whole training-step time of each contender, measured side by side in this process.
-
-    One clean run of ``steps`` steps per contender, each program compiled and then run
-    ``TIMING_REPEATS`` times (the faster counts), one contender after another, and the
-    recipe once more at the end: the faster of its two is the reference, their spread
-    the noise of the measurement. The training runs themselves are not timed for the
-    report: they are cached and may come from another session or a busier moment.
-    """
-    runs, _ = make_runs(["clean"], [seed], steps, n_train, recipe.peak_lr)
-    timings: dict[str, Timing] = {}
-    for name in [*names, "base"]:
-        best = None
-        for _ in range(TIMING_REPEATS):
-            _, timing = train_many(name, recipe, corpus, runs)
-            best = timing if best is None or timing.step_s < best.step_s else best
-        key = "base (again, last)" if name in timings else name
-        timings[key] = best  # pyright: ignore[reportArgumentType]
-    log("step times (ms): " + ", ".join(f"{n} {t.step_s * 1e3:.2f}" for n, t in timings.items()))
-    return timings
-
-
-# --------------------------------------------------------------------------- cache
 
 
 class Cache:
@@ -629,10 +633,11 @@ class Cache:
             return None
         with np.load(path) as data:
             results = {
-                s: RunResult(*(data[f"{s}/{f}"] for f in RunResult._fields))
+                s: RunResult(**{f: data[f"{s}/{f}"] for f in RunResult._fields})
                 for s in key["scenarios"]
             }
-            return results, Timing(float(data["compile_s"]), float(data["step_s"]))
+            timing = Timing(compile_s=float(data["compile_s"]), step_s=float(data["step_s"]))
+            return results, timing
 
     def put(self, results: dict[str, RunResult], timing: Timing, **key: Any) -> None:
         path = self._path(dict(self.settings, **key))
@@ -643,7 +648,172 @@ class Cache:
         np.savez(path, compile_s=timing.compile_s, step_s=timing.step_s, **arrays)
 
 
-# ------------------------------------------------------------------------- metrics
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every training program of one benchmark run shares."""
+
+    recipe: Recipe  # with the peak rate in use
+    corpus: Corpus
+    arrays: dict[str, jax.Array]  # the training text and the held-out windows
+    steps: int
+    seeds: list[int]
+    heldout_windows: int  # the final loss's
+    cache: Cache
+    log: Callable[..., None]
+
+    @property
+    def n_train(self) -> int:
+        return len(self.corpus.train)
+
+    def runs(self, scenarios: Sequence[str], **sweep: Any) -> tuple[Runs, list[Label]]:
+        """:func:`make_runs` of these scenarios, every seed, at the recipe's peak rate."""
+        return make_runs(
+            scenarios, self.seeds, self.steps, self.n_train, self.recipe.peak_lr, **sweep
+        )
+
+
+def prepare(
+    recipe_name: str,
+    steps: int,
+    seeds: Sequence[int],
+    heldout_windows: int,
+    cache_dir: str | None,
+    quiet: bool,
+) -> Setup:
+    """The recipe, the corpus on the device and the cache of finished contenders."""
+    corpus = load_stdlib_corpus()
+    settings = dict(recipe=recipe_name, steps=steps, seeds=list(seeds), windows=heldout_windows)
+    return Setup(
+        recipe=RECIPES[recipe_name],
+        corpus=corpus,
+        arrays=corpus_arrays(corpus, heldout_windows),
+        steps=steps,
+        seeds=list(seeds),
+        heldout_windows=heldout_windows,
+        cache=Cache(cache_dir, settings),
+        log=logger(quiet),
+    )
+
+
+def sweep(
+    name: str, setup: Setup, swept: str, values: Sequence[float]
+) -> tuple[float, dict[float, float]]:
+    """The swept value with the lowest mean clean loss, and every value's.
+
+    ``swept`` is ``"rate"`` (the peak learning rate) or ``"hyper"`` (the contender's).
+    """
+    key = dict(sweep=name, values=tuple(values), scenarios=["clean"])
+    grid = {"learning_rates": values} if swept == "rate" else {"hypers": values}
+    runs, labels = setup.runs(["clean"], **grid)
+    cached = setup.cache.get(**key)
+    if cached is None:
+        outcome, timing = train_many(name, setup.recipe, setup.arrays, runs)
+        setup.cache.put({"clean": outcome}, timing, **key)
+    else:
+        outcome = cached[0]["clean"]
+    best, means = best_of_sweep(labels, outcome.final.astype(np.float64), swept)
+    setup.log(f"sweep of {name}: {means}; chosen {best:g}")
+    return best, means
+
+
+class Tuning(NamedTuple):
+    """What was swept on clean data, and what the sweeps chose."""
+
+    peak_sweep: dict | None  # {peak rate: clean loss}, if swept
+    clip_sweep: dict | None  # {threshold: clean loss}, if swept
+    threshold: float  # the tuned clip's (0: not run)
+
+
+def tune(
+    setup: Setup, plan: Sequence[tuple[str, Sequence[str]]], sweep_peak: bool
+) -> tuple[Setup, Tuning]:
+    """Sweeps what a user would sweep, on clean data: the peak rate, the clip's threshold.
+
+    Returns the setup at the chosen peak rate, and the :class:`Tuning`.
+    """
+    peak_sweep = clip_sweep = None
+    if sweep_peak and setup.recipe.peak_sweep:
+        peak, peak_sweep = sweep("base", setup, "rate", setup.recipe.peak_sweep)
+        setup = dataclasses.replace(setup, recipe=dataclasses.replace(setup.recipe, peak_lr=peak))
+    threshold = 0.0
+    if setup.recipe.clip_sweep and any(name == "tuned clip" for name, _ in plan):
+        threshold, clip_sweep = sweep("tuned clip", setup, "hyper", setup.recipe.clip_sweep)
+    return setup, Tuning(peak_sweep=peak_sweep, clip_sweep=clip_sweep, threshold=threshold)
+
+
+def train_contender(
+    setup: Setup, name: str, scenarios: Sequence[str], threshold: float
+) -> dict[str, RunResult]:
+    """One contender on its scenarios, every seed: from the cache, or trained and kept."""
+    key = dict(
+        contender=name, scenarios=list(scenarios), peak=setup.recipe.peak_lr, hyper=threshold
+    )
+    cached = setup.cache.get(**key)
+    if cached is None:
+        runs, labels = setup.runs(scenarios, hypers=(threshold,))
+        outcome, timing = train_many(name, setup.recipe, setup.arrays, runs)
+        by_scenario = split_by_scenario(outcome, labels, scenarios)
+        setup.cache.put(by_scenario, timing, **key)
+    else:
+        by_scenario, timing = cached
+    finals = ", ".join(f"{s} {np.mean(r.final):.4f}" for s, r in by_scenario.items())
+    setup.log(f"{name}{' (cached)' if cached else ''}: {finals} ({timing})")
+    return by_scenario
+
+
+def train_plan(
+    setup: Setup, plan: Sequence[tuple[str, Sequence[str]]], threshold: float
+) -> dict[tuple[str, str], RunResult]:
+    """Every contender of the plan on its scenarios: ``{(contender, scenario): RunResult}``."""
+    results = {}
+    for name, scenarios in plan:
+        for scenario, result in train_contender(setup, name, scenarios, threshold).items():
+            results[name, scenario] = result
+    return results
+
+
+TIMING_REPEATS = 2  # each contender's timing program runs twice; the faster run counts
+
+
+def time_steps(names: Sequence[str], setup: Setup, steps: int) -> dict[str, Timing]:
+    """Whole training-step time of each contender, measured side by side in this process.
+
+    One clean run of ``steps`` steps (seed 0) per contender, each program compiled and
+    then run ``TIMING_REPEATS`` times (the faster counts), one contender after another,
+    and the recipe once more at the end: the faster of its two is the reference, their
+    spread the noise of the measurement. The training runs themselves are not timed for
+    the report: they are cached and may come from another session or a busier moment.
+    """
+    runs, _ = make_runs(["clean"], setup.seeds[:1], steps, setup.n_train, setup.recipe.peak_lr)
+    timings: dict[str, Timing] = {}
+    for name in [*names, "base"]:
+        best = None
+        for _ in range(TIMING_REPEATS):
+            _, timing = train_many(name, setup.recipe, setup.arrays, runs)
+            best = timing if best is None or timing.step_s < best.step_s else best
+        key = "base (again, last)" if name in timings else name
+        timings[key] = best  # pyright: ignore[reportArgumentType]
+    times = ", ".join(f"{n} {t.step_s * 1e3:.2f}" for n, t in timings.items())
+    setup.log(f"step times (ms): {times}")
+    return timings
+
+
+def loss_at_init(setup: Setup) -> np.ndarray:
+    """Each seed's held-out loss at initialisation (the cap of the LR sensitivity)."""
+    init = initial_params(setup.runs(["clean"])[0].init_key)
+    return np.asarray(lax.map(lambda p: heldout_loss(p, setup.arrays["heldout"]), init))
+
+
+def bad_steps(setup: Setup) -> dict[str, np.ndarray]:
+    """Each scenario's bad-step masks, shape ``(seeds, steps)``."""
+    n_train = setup.n_train
+    return {
+        name: np.stack([seed_streams(seed, setup.steps, n_train, s)["bad"] for seed in setup.seeds])
+        for name, s in SCENARIOS.items()
+    }
+
+
+# --------------------------------------------------------------------------- report
 
 
 def natural_spikes(result: RunResult, bad: np.ndarray) -> np.ndarray:
@@ -687,9 +857,6 @@ def damage_cell(method: np.ndarray, recipe_bad: np.ndarray, recipe_clean: np.nda
     return f"{(np.mean(recipe_bad) - np.mean(method)) / damage:.0%}"
 
 
-# -------------------------------------------------------------------------- report
-
-
 def role(name: str, recipe: Recipe) -> str:
     """Where a contender sits relative to the recipe, for the tables."""
     if name == "base":
@@ -703,47 +870,47 @@ def role(name: str, recipe: Recipe) -> str:
     return "in front of the recipe"
 
 
+def scenario_rows(
+    results: dict,
+    names: Sequence[str],
+    scenarios: Sequence[str],
+    cell: Callable[[str, str], str],
+    lead: Callable[[str], list[str]] = lambda name: [f"`{name}`"],
+) -> list[list[str]]:
+    """A row per method (``lead``), a cell per scenario it ran (``cell``), ``—`` elsewhere."""
+    ran = lambda name, s: cell(name, s) if (name, s) in results else "—"  # noqa: E731
+    return method_rows(names, scenarios, ran, lead)
+
+
 def results_table(results: dict, names: Sequence[str], scenarios: Sequence[str], recipe) -> str:
     """Held-out loss relative to the recipe's clean run of the same seed."""
     reference = results["base", "clean"].final
-    rows = []
-    for name in names:
-        cells = [
-            ratio_cell(results[name, s].final, reference) if (name, s) in results else "—"
-            for s in scenarios
-        ]
-        if any(c != "—" for c in cells):
-            rows.append([f"`{name}`", role(name, recipe), *cells])
+    rows = scenario_rows(
+        results,
+        names,
+        scenarios,
+        lambda name, s: ratio_cell(results[name, s].final, reference),
+        lead=lambda name: [f"`{name}`", role(name, recipe)],
+    )
     return markdown_table(["method", "where", *scenarios], rows)
 
 
 def loss_table(results: dict, names: Sequence[str], scenarios: Sequence[str]) -> str:
     """Held-out loss, mean ± std over seeds."""
-    rows = []
-    for name in names:
-        cells = [
-            summarize(results[name, s].final) if (name, s) in results else "—" for s in scenarios
-        ]
-        if any(c != "—" for c in cells):
-            rows.append([f"`{name}`", *cells])
+    rows = scenario_rows(results, names, scenarios, lambda n, s: summarize(results[n, s].final))
     return markdown_table(["method", *scenarios], rows)
 
 
 def damage_table(results: dict, names: Sequence[str], scenarios: Sequence[str]) -> str:
     """How much of the recipe's bad-batch damage each method takes away."""
     clean = results["base", "clean"].final
-    rows = []
-    for name in names:
-        if name == "base":
-            continue
-        cells = [
-            damage_cell(results[name, s].final, results["base", s].final, clean)
-            if (name, s) in results and ("base", s) in results
-            else "—"
-            for s in scenarios
-        ]
-        if any(c != "—" for c in cells):
-            rows.append([f"`{name}`", *cells])
+
+    def cell(name: str, s: str) -> str:
+        if ("base", s) not in results:
+            return "—"
+        return damage_cell(results[name, s].final, results["base", s].final, clean)
+
+    rows = scenario_rows(results, [n for n in names if n != "base"], scenarios, cell)
     return markdown_table(["method", *scenarios], rows)
 
 
@@ -758,15 +925,6 @@ def rates_table(results: dict, names: Sequence[str], loss_at_init: np.ndarray, r
         rows.append([f"`{name}`", role(name, recipe), *cells, summarize(sensitivity)])
     header = ["method", "where", "x1", "x3", "x10", "x30", "LR sensitivity"]
     return markdown_table(header, rows)
-
-
-def counts_table(results: dict, names, scenarios, count: Callable[[str, str], str]) -> str:
-    rows = []
-    for name in names:
-        cells = [count(name, s) if (name, s) in results else "—" for s in scenarios]
-        if any(c not in ("—", "") for c in cells):
-            rows.append([f"`{name}`", *cells])
-    return markdown_table(["method", *scenarios], rows)
 
 
 def step_time_table(timings: dict[str, Timing], names: Sequence[str]) -> str:
@@ -792,68 +950,274 @@ TARGETS = {
 }
 
 
+def excess(results: dict, name: str, scenario: str) -> float:
+    """Mean over seeds of the held-out loss relative to the recipe's clean run, in %."""
+    reference = results["base", "clean"].final
+    return float(np.mean(results[name, scenario].final / reference - 1) * 100)
+
+
+def target_row(name: str, what: str, value: str, target: str, holds: bool) -> list[str]:
+    """The start of a row of the targets table: method, what, value, target, verdict."""
+    return [f"`{name}`", what, value, target, met(holds)]
+
+
+def bound_rows(results: dict, name: str, bad_bound: float, clean_bound: float) -> list:
+    """A method's loss on clean data and on bad batches, against its bounds."""
+    rows = []
+    for scenario in (*CORE, "loss x0.1, repeated_byte", "loss x10, repeated_byte"):
+        if (name, scenario) not in results:
+            continue
+        bound = clean_bound if scenario == "clean" else bad_bound
+        value = excess(results, name, scenario)
+        recipe_value = (
+            excess(results, "base", scenario) if ("base", scenario) in results else np.nan
+        )
+        row = target_row(name, scenario, f"{value:+.2f} %", f"≤ {bound:g} %", value <= bound)
+        rows.append([*row, f"{recipe_value:+.2f} %"])
+    return rows
+
+
+def lr_sensitivity_rows(results: dict, name: str, loss_at_init: np.ndarray) -> list:
+    """A method's LR sensitivity against the recipe's, where both ran every rate."""
+    mine = lr_sensitivity(results, name, loss_at_init)
+    theirs = lr_sensitivity(results, "base", loss_at_init)
+    if mine is None or theirs is None:
+        return []
+    mean, recipe_mean = np.mean(mine), np.mean(theirs)
+    row = target_row(name, "LR sensitivity", f"{mean:.4f}", "≤ the recipe's", mean <= recipe_mean)
+    return [[*row, f"{recipe_mean:.4f}"]]
+
+
+def units_rows(results: dict, name: str) -> list:
+    """A method's loss in other units against the recipe's, where both ran them."""
+    rows = []
+    for scenario in UNITS:
+        if (name, scenario) in results and ("base", scenario) in results:
+            value, recipe_value = excess(results, name, scenario), excess(results, "base", scenario)
+            row = target_row(
+                name, scenario, f"{value:+.2f} %", "below the recipe", value < recipe_value
+            )
+            rows.append([*row, f"{recipe_value:+.2f} %"])
+    return rows
+
+
 def target_report(results: dict, recipe: Recipe, loss_at_init: np.ndarray) -> str:
     """The targets, measured: each bound, the value, and whether it holds."""
-    reference = results["base", "clean"].final
-
-    def excess(name: str, scenario: str) -> float:
-        return float(np.mean(results[name, scenario].final / reference - 1) * 100)
-
     rows = []
     for name, bad_bound, clean_bound in TARGETS[recipe.name]:
-        for scenario in (*CORE, "loss x0.1, repeated_byte", "loss x10, repeated_byte"):
-            if (name, scenario) not in results:
-                continue
-            bound = clean_bound if scenario == "clean" else bad_bound
-            value = excess(name, scenario)
-            recipe_value = excess("base", scenario) if ("base", scenario) in results else np.nan
-            rows.append(
-                [
-                    f"`{name}`",
-                    scenario,
-                    f"{value:+.2f} %",
-                    f"≤ {bound:g} %",
-                    "yes" if value <= bound else "NO",
-                    f"{recipe_value:+.2f} %",
-                ]
-            )
+        rows += bound_rows(results, name, bad_bound, clean_bound)
         if recipe.name == "standard":
-            mine = lr_sensitivity(results, name, loss_at_init)
-            theirs = lr_sensitivity(results, "base", loss_at_init)
-            if mine is not None and theirs is not None:
-                rows.append(
-                    [
-                        f"`{name}`",
-                        "LR sensitivity",
-                        f"{np.mean(mine):.4f}",
-                        "≤ the recipe's",
-                        "yes" if np.mean(mine) <= np.mean(theirs) else "NO",
-                        f"{np.mean(theirs):.4f}",
-                    ]
-                )
-            for scenario in UNITS:
-                if (name, scenario) in results and ("base", scenario) in results:
-                    value, recipe_value = excess(name, scenario), excess("base", scenario)
-                    rows.append(
-                        [
-                            f"`{name}`",
-                            scenario,
-                            f"{value:+.2f} %",
-                            "below the recipe",
-                            "yes" if value < recipe_value else "NO",
-                            f"{recipe_value:+.2f} %",
-                        ]
-                    )
+            rows += lr_sensitivity_rows(results, name, loss_at_init)
+            rows += units_rows(results, name)
     header = ["method", "scenario", "vs the recipe's clean", "target", "met", "the recipe"]
     return markdown_table(header, rows)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Measured:
+    """Everything a report is written from: the runs' results and how they were made."""
+
+    results: dict  # {(contender, scenario): RunResult over seeds}
+    timings: dict  # {contender: Timing}
+    names: list  # contenders, in the plan's order
+    recipe: Recipe  # with the peak rate that was used
+    steps: int
+    seeds: list
+    corpus: Corpus
+    heldout_windows: int
+    bad_steps: dict  # {scenario: bad-step masks, (seeds, steps)}
+    loss_at_init: np.ndarray  # per seed
+    tuning: Tuning
+    command: str
+    elapsed: float  # seconds
+
+    def ran(self, group: Sequence[str]) -> list[str]:
+        """The scenarios of ``group`` that some contender ran."""
+        return [s for s in group if any((n, s) in self.results for n in self.names)]
+
+    def ran_every_rate(self) -> bool:
+        """Whether some contender ran every learning rate (the sensitivity has a row)."""
+        return any(all((n, s) in self.results for s in RATES) for n in self.names)
+
+    @property
+    def reference(self) -> str:
+        """How the text names the base: the recipe, or plain Adam."""
+        return "the recipe" if self.recipe.name == "standard" else "plain Adam"
+
+
+def tuning_text(m: Measured) -> str:
+    """What was tuned, and how."""
+    recipe, tuning = m.recipe, m.tuning
+    if tuning.peak_sweep:
+        text = (
+            "The peak rate was chosen by a sweep on clean data (held-out loss per peak: "
+            f"{sweep_text(tuning.peak_sweep, digits=4)}; chosen: {recipe.peak_lr:g})."
+        )
+    elif recipe.name == "standard":
+        text = (
+            f"The peak rate {recipe.peak_lr:g} was not swept in this run: it is what the "
+            "`--full` sweep over 1e-3, 3e-3, 1e-2 and 3e-2 chose."
+        )
+    else:
+        text = ""
+    if tuning.clip_sweep:
+        text += (
+            " `tuned clip`: threshold chosen by a sweep on clean data ("
+            f"{sweep_text(tuning.clip_sweep, digits=4)}; chosen: {tuning.threshold:g})."
+        )
+    return text
+
+
+def introduction(m: Measured) -> list[str]:
+    """The title and what the tables hold."""
+    num_bad = int(m.bad_steps["repeated_byte"][0].sum())
+    seeds = f"{len(m.seeds)} seeds" if len(m.seeds) > 1 else "1 seed (no spread to show)"
+    return [
+        f"# Language-model spike benchmark: {m.recipe.title}",
+        "",
+        f"Held-out loss after {m.steps} steps, {seeds}, relative to {m.reference}'s "
+        "clean run of the same seed (mean ± std over seeds of the per-seed ratio; lower is "
+        f"better). Recipe: {m.recipe.describe()}. {tuning_text(m)} Every other method runs at "
+        f"its defaults, nothing tuned. In the bad-batch scenarios {BAD_FRACTION:.0%} of the "
+        f"steps ({num_bad} per run) train on a bad batch, spread over the run or (`late`) in "
+        "its last half. `—`: not run (see the plan in `lm_spike_benchmark.py`).",
+    ]
+
+
+def bad_batch_sections(m: Measured) -> list[str]:
+    """The held-out loss under bad batches, and the share of the damage recovered."""
+    return [
+        *section(
+            "Bad batches",
+            results_table(m.results, m.names, m.ran(CORE), m.recipe),
+            "Held-out loss (nats per byte), mean ± std over seeds:",
+            loss_table(m.results, m.names, m.ran(CORE)),
+        ),
+        *section(
+            "Damage recovered",
+            "`(recipe_bad - method_bad) / (recipe_bad - recipe_clean)`, from the means over "
+            f"seeds: the share of {m.reference}'s bad-batch damage that the method takes away "
+            "(100 %: none left; above 100 %: better than the clean recipe; negative: worse "
+            "than the recipe). Where the recipe's own damage, paired over seeds, is within "
+            "two standard errors of zero there is nothing to recover, and the cell says so.",
+            damage_table(m.results, m.names, m.ran(BAD)),
+        ),
+    ]
+
+
+def units_and_rates_sections(m: Measured) -> list[str]:
+    """The loss in other units, and the learning-rate sensitivity, where they ran."""
+    lines = []
+    if m.ran(UNITS):
+        lines += section(
+            "The gradient's units",
+            "The training loss multiplied by 0.1 or 10 (so is its gradient), relative to "
+            f"{m.reference}'s clean run at the usual scale (the held-out loss is the usual "
+            "one). Adam is nearly invariant to the scale; a fixed clip threshold is not.",
+            results_table(m.results, m.names, m.ran(UNITS), m.recipe),
+        )
+    if m.ran_every_rate():
+        lines += section(
+            "Learning-rate sensitivity",
+            "Final held-out loss on clean data at 1x, 3x, 10x and 30x the peak rate, and the "
+            "LR sensitivity of Wortsman et al. (2023): the mean over the rates of "
+            "`min(loss, loss at init) - best loss` (lower is more robust; the loss at "
+            f"initialisation is {np.mean(m.loss_at_init):.3f}).",
+            rates_table(m.results, m.names, m.loss_at_init, m.recipe),
+            f"The figure `lm_{m.recipe.name}_lr.png` plots these losses against the rate.",
+        )
+    return lines
+
+
+def counts_sections(m: Measured) -> list[str]:
+    """How often each defence acted, and the natural loss spikes."""
+
+    def interventions(name: str, scenario: str) -> str:
+        return count_cell(m.results[name, scenario].interventions)
+
+    def spikes(name: str, scenario: str) -> str:
+        counts = natural_spikes(m.results[name, scenario], m.bad_steps[scenario])
+        return f"{np.mean(counts):.1f}"
+
+    def table(cell: Callable[[str, str], str]) -> str:
+        scenarios = m.ran(ALL)
+        return markdown_table(
+            ["method", *scenarios], scenario_rows(m.results, m.names, scenarios, cell)
+        )
+
+    return section(
+        "Interventions and natural loss spikes",
+        "Mean count per run of the steps each defence acted on: clipped (`tuned clip`: norm "
+        "above the threshold; ZClip; AdaGC and update clipping: a step where some tensor was "
+        "clipped; SPAM: some coordinate), capped (ALRC, `spike_guard`; with two signals the "
+        "caps of both, summed) or skipped (skip-step). The recipe's own clip and the "
+        "dampening are not counted.",
+        table(interventions),
+        f"Natural loss spikes: steps whose training loss exceeds {SPIKE_FACTOR:g}x the median "
+        f"of the previous {SPIKE_WINDOW}, on a step without a bad batch (mean per run).",
+        table(spikes),
+    )
+
+
+def step_time_section(m: Measured) -> list[str]:
+    """The whole training step's time, side by side."""
+    return section(
+        "Whole training-step time",
+        "Measured side by side after the training runs, in the process that wrote this "
+        f"report: one clean run of {min(m.steps, 200)} steps per contender (forward, backward "
+        f"and update; the compiled program run {TIMING_REPEATS} times, the faster counts), "
+        "one contender after another, the recipe first and again last. The ratio is to the "
+        "faster of the recipe's two; their spread is the noise of the measurement.",
+        step_time_table(m.timings, m.names),
+    )
+
+
+def setup_section(m: Measured) -> list[str]:
+    """The corpus, the model, the held-out windows, the plan and the record."""
+    num_params = sum(a.size for a in jax.tree.leaves(init_gpt(jax.random.key(0))))
+    plan = "; ".join(f"`{n}`: {len([s for s in ALL if (n, s) in m.results])}" for n in m.names)
+    lines = [
+        f"Corpus: {m.corpus.description}.  ",
+        f"Model: decoder-only transformer, {LAYERS} layers, width {WIDTH}, {HEADS} heads, "
+        f"context {CONTEXT}, tied byte embeddings, {num_params:,} parameters; batch {BATCH}.  ",
+        f"Held-out loss: {m.heldout_windows} fixed windows ({m.heldout_windows * CONTEXT:,} "
+        f"predicted bytes); the figure's curve: {CURVE_WINDOWS} of them every "
+        f"{eval_every(m.steps)} steps.  ",
+        f"Plan (contender: scenarios): {plan}.  ",
+        *record_lines(m.command),
+        f"Wall time: {m.elapsed:.0f} s (training and compilation; cached contenders cost none)",
+    ]
+    return section("Setup", "\n".join(lines))
+
+
+def format_report(m: Measured) -> str:
+    """The Markdown report; every number in it comes from ``m``."""
+    targets = section(
+        "Targets",
+        "Mean over seeds, relative to the recipe's clean run; nothing tuned per scenario.",
+        target_report(m.results, m.recipe, m.loss_at_init),
+    )
+    return "\n".join(
+        [
+            *introduction(m),
+            *bad_batch_sections(m),
+            *units_and_rates_sections(m),
+            *targets,
+            *counts_sections(m),
+            *step_time_section(m),
+            *setup_section(m),
+            "",
+        ]
+    )
+
+
+# The contenders the figures draw with thick lines.
+EMPHASIS = ("base", "spike_guard")
+
+
 def plot_curves(results: dict, names: Sequence[str], bad_steps: dict, path: str) -> None:
     """Held-out loss of seed 0 over training, one panel per bad-batch scenario."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [
         s
@@ -891,10 +1255,7 @@ def plot_curves(results: dict, names: Sequence[str], bad_steps: dict, path: str)
 
 def plot_rates(results: dict, names: Sequence[str], peak_lr: float, path: str) -> None:
     """Final held-out loss against the peak learning rate, one curve per contender."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [n for n in names if all((n, s) in results for s in RATES)]
     style = curve_styles(names)
@@ -926,44 +1287,57 @@ def plot_rates(results: dict, names: Sequence[str], peak_lr: float, path: str) -
     plt.close(fig)
 
 
-# ------------------------------------------------------------------------------ main
+# ----------------------------------------------------------------------------- main
 
 
-def sweep(
-    name: str,
-    recipe: Recipe,
-    corpus,
-    steps: int,
-    seeds,
-    n_train: int,
-    cache: Cache,
-    log,
-    *,
-    learning_rates: Sequence[float] | None = None,
-    hypers: Sequence[float] = (0.0,),
-) -> tuple[float, dict[float, float]]:
-    """The swept value (peak rate or clip threshold) with the lowest mean clean loss."""
-    values = tuple(learning_rates or hypers)
-    key = dict(sweep=name, values=values, scenarios=["clean"])
-    runs, labels = make_runs(
-        ["clean"], seeds, steps, n_train, recipe.peak_lr, learning_rates, hypers
+QUICK = (60, 1)  # steps, seeds: ~4 min on 2 cores (5 at most)
+FULL = (1500, 3)
+
+
+def check_plan(plan: Sequence[tuple[str, Sequence[str]]], steps: int) -> None:
+    """Refuses a run the report could not be written from."""
+    if steps % eval_every(steps):
+        raise ValueError(f"steps must be a multiple of {eval_every(steps)}, got {steps}.")
+    if ("base", "clean") not in [(n, s) for n, ss in plan for s in ss]:
+        raise ValueError("the plan must run 'base' on 'clean': it is the reference.")
+
+
+def measure(
+    setup: Setup, names: list[str], results: dict, tuning: Tuning, command: str, elapsed: float
+) -> Measured:
+    """The record a report is written from.
+
+    With the results: the step times (measured now, side by side), the bad steps, the
+    loss at initialisation and how the run was made.
+    """
+    return Measured(
+        results=results,
+        timings=time_steps(names, setup, min(setup.steps, 200)),
+        names=names,
+        recipe=setup.recipe,
+        steps=setup.steps,
+        seeds=setup.seeds,
+        corpus=setup.corpus,
+        heldout_windows=setup.heldout_windows,
+        bad_steps=bad_steps(setup),
+        loss_at_init=loss_at_init(setup),
+        tuning=tuning,
+        command=command,
+        elapsed=elapsed,
     )
-    cached = cache.get(**key)
-    if cached is None:
-        outcome, timing = train_many(name, recipe, corpus, runs)
-        cache.put({"clean": outcome}, timing, **key)
-    else:
-        outcome = cached[0]["clean"]
-    column = 2 if learning_rates else 3
-    by_value: dict[float, list[float]] = {v: [] for v in values}
-    for label, value in zip(labels, outcome.final, strict=True):
-        by_value[label[column]].append(float(value))
-    means = {
-        v: float(np.mean(f)) if np.all(np.isfinite(f)) else np.inf for v, f in by_value.items()
-    }
-    best = min(means, key=means.__getitem__)
-    log(f"sweep of {name}: {means}; chosen {best:g}")
-    return best, means
+
+
+def write_outputs(m: Measured, out_dir: str) -> dict[str, Any]:
+    """Writes the report and the figures; returns their paths."""
+    stem = os.path.join(out_dir, f"lm_{m.recipe.name}")
+    report = format_report(m)
+    write_report(report, f"{stem}.md")
+    plot_curves(m.results, m.names, {s: b[0] for s, b in m.bad_steps.items()}, f"{stem}.png")
+    figures = [f"{stem}.png"]
+    if m.ran_every_rate():
+        plot_rates(m.results, m.names, m.recipe.peak_lr, f"{stem}_lr.png")
+        figures.append(f"{stem}_lr.png")
+    return {"report": report, "markdown": f"{stem}.md", "figures": figures}
 
 
 def run_benchmark(
@@ -978,7 +1352,7 @@ def run_benchmark(
     quiet: bool = False,
     command: str = "python benchmarks/lm_spike_benchmark.py",
 ) -> dict:
-    """Load, sweep, train every contender of ``plan``, report, write.
+    """Load, sweep, train every contender of ``plan``, time, report, write.
 
     Args:
       recipe_name: ``"standard"`` or ``"adam"``.
@@ -995,301 +1369,29 @@ def run_benchmark(
     Returns:
       ``{(contender, scenario): RunResult over seeds}``, plus ``"markdown"``.
     """
-    if steps % eval_every(steps):
-        raise ValueError(f"steps must be a multiple of {eval_every(steps)}, got {steps}.")
-    if ("base", "clean") not in [(n, s) for n, ss in plan for s in ss]:
-        raise ValueError("the plan must run 'base' on 'clean': it is the reference.")
-    log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    check_plan(plan, steps)
     start = time.perf_counter()
-    recipe = RECIPES[recipe_name]
-    corpus = load_stdlib_corpus()
-    arrays = corpus_arrays(corpus, heldout_windows)
-    n_train = len(corpus.train)
-    settings = dict(recipe=recipe_name, steps=steps, seeds=list(seeds), windows=heldout_windows)
-    cache = Cache(cache_dir, settings)
-
-    # 1. Sweep what a user would sweep, on clean data.
-    peak_sweep = clip_sweep = None
-    if sweep_peak and recipe.peak_sweep:
-        peak, peak_sweep = sweep(
-            "base",
-            recipe,
-            arrays,
-            steps,
-            seeds,
-            n_train,
-            cache,
-            log,
-            learning_rates=recipe.peak_sweep,
-        )
-        recipe = dataclasses.replace(recipe, peak_lr=peak)
-    threshold = 0.0
-    if recipe.clip_sweep and any(name == "tuned clip" for name, _ in plan):
-        threshold, clip_sweep = sweep(
-            "tuned clip",
-            recipe,
-            arrays,
-            steps,
-            seeds,
-            n_train,
-            cache,
-            log,
-            hypers=recipe.clip_sweep,
-        )
-
-    # 2. Train every contender on its scenarios.
-    results: dict[Any, Any] = {}
-    timings: dict[str, Timing] = {}
-    for name, scenarios in plan:
-        key = dict(contender=name, scenarios=list(scenarios), peak=recipe.peak_lr, hyper=threshold)
-        cached = cache.get(**key)
-        if cached is None:
-            runs, labels = make_runs(
-                scenarios, seeds, steps, n_train, recipe.peak_lr, hypers=(threshold,)
-            )
-            outcome, timing = train_many(name, recipe, arrays, runs)
-            by_scenario = split_by_scenario(outcome, labels, scenarios)
-            cache.put(by_scenario, timing, **key)
-        else:
-            by_scenario, timing = cached
-        timings[name] = timing
-        for scenario, result in by_scenario.items():
-            results[name, scenario] = result
-        finals = ", ".join(f"{s} {np.mean(r.final):.4f}" for s, r in by_scenario.items())
-        log(f"{name}{' (cached)' if cached else ''}: {finals} ({timing})")
+    setup = prepare(recipe_name, steps, seeds, heldout_windows, cache_dir, quiet)
+    setup, tuning = tune(setup, plan, sweep_peak)
+    results = train_plan(setup, plan, tuning.threshold)
     elapsed = time.perf_counter() - start
-
-    # 3. Time every contender side by side: one clean run each, the recipe first and last.
-    timings = time_steps(names_of(plan), recipe, arrays, seeds[0], min(steps, 200), n_train, log)
-
-    # 4. Report.
-    names = names_of(plan)
-    init = initial_params(make_runs(["clean"], seeds, steps, n_train, recipe.peak_lr)[0].init_key)
-    loss_at_init = np.asarray(lax.map(lambda p: heldout_loss(p, arrays["heldout"]), init))
-    streams = {
-        s: np.stack([seed_streams(seed, steps, n_train, SCENARIOS[s])["bad"] for seed in seeds])
-        for s in SCENARIOS
+    measured = measure(setup, names_of(plan), results, tuning, command, elapsed)
+    written = write_outputs(measured, out_dir)
+    setup.log(written["report"])
+    setup.log(f"Wrote {written['markdown']} and {', '.join(written['figures'])}")
+    return {
+        **results,
+        "markdown": written["markdown"],
+        "figures": written["figures"],
+        "peak_lr": setup.recipe.peak_lr,
+        "clip_threshold": tuning.threshold,
     }
-    measured = Measured(
-        results,
-        timings,
-        names,
-        recipe,
-        steps,
-        list(seeds),
-        corpus,
-        heldout_windows,
-        streams,
-        loss_at_init,
-        peak_sweep,
-        clip_sweep,
-        threshold,
-        command,
-        elapsed,
-    )
-    report = format_report(measured)
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"lm_{recipe_name}")
-    with open(f"{stem}.md", "w") as f:
-        f.write(report)
-    plot_curves(results, names, {s: b[0] for s, b in streams.items()}, f"{stem}.png")
-    figures = [f"{stem}.png"]
-    if any(all((n, s) in results for s in RATES) for n in names):
-        plot_rates(results, names, recipe.peak_lr, f"{stem}_lr.png")
-        figures.append(f"{stem}_lr.png")
-    log(report)
-    log(f"Wrote {stem}.md and {', '.join(figures)}")
-    results.update(
-        markdown=f"{stem}.md", figures=figures, peak_lr=recipe.peak_lr, clip_threshold=threshold
-    )
-    return results
 
 
-class Measured(NamedTuple):
-    """Everything a report is written from: the runs' results and how they were made."""
-
-    results: dict  # {(contender, scenario): RunResult over seeds}
-    timings: dict  # {contender: Timing}
-    names: list  # contenders, in the plan's order
-    recipe: Recipe  # with the peak rate that was used
-    steps: int
-    seeds: list
-    corpus: Corpus
-    heldout_windows: int
-    streams: dict  # {scenario: bad-step masks, (seeds, steps)}
-    loss_at_init: np.ndarray  # per seed
-    peak_sweep: dict | None  # {peak rate: clean loss}, if swept
-    clip_sweep: dict | None  # {threshold: clean loss}, if swept
-    threshold: float  # the tuned clip's
-    command: str
-    elapsed: float  # seconds
-
-
-def format_report(measured: Measured) -> str:
-    """The Markdown report; every number in it comes from ``results`` and ``timings``."""
-    (
-        results,
-        timings,
-        names,
-        recipe,
-        steps,
-        seeds,
-        corpus,
-        heldout_windows,
-        streams,
-        loss_at_init,
-        peak_sweep,
-        clip_sweep,
-        threshold,
-        command,
-        elapsed,
-    ) = measured
-    num_bad = int(streams["repeated_byte"][0].sum())
-    seeds_text = f"{len(seeds)} seeds" if len(seeds) > 1 else "1 seed (no spread to show)"
-    present = lambda group: [s for s in group if any((n, s) in results for n in names)]  # noqa: E731
-    if peak_sweep:
-        tuning = (
-            "The peak rate was chosen by a sweep on clean data (held-out loss per peak: "
-            + ", ".join(f"{h:g} → {m:.4f}" for h, m in peak_sweep.items())
-            + f"; chosen: {recipe.peak_lr:g})."
-        )
-    elif recipe.name == "standard":
-        tuning = (
-            f"The peak rate {recipe.peak_lr:g} was not swept in this run: it is what the "
-            "`--full` sweep over 1e-3, 3e-3, 1e-2 and 3e-2 chose."
-        )
-    else:
-        tuning = ""
-    if clip_sweep:
-        tuning += (
-            " `tuned clip`: threshold chosen by a sweep on clean data ("
-            + ", ".join(f"{h:g} → {m:.4f}" for h, m in clip_sweep.items())
-            + f"; chosen: {threshold:g})."
-        )
-
-    def spikes(name, scenario):
-        return f"{np.mean(natural_spikes(results[name, scenario], streams[scenario])):.1f}"
-
-    def interventions(name, scenario):
-        count = results[name, scenario].interventions
-        return "" if np.min(count) < 0 else f"{np.mean(count):.1f}"
-
-    reference_name = "the recipe" if recipe.name == "standard" else "plain Adam"
-    sections = [
-        f"# Language-model spike benchmark: {recipe.title}",
-        "",
-        f"Held-out loss after {steps} steps, {seeds_text}, relative to {reference_name}'s "
-        "clean run of the same seed (mean ± std over seeds of the per-seed ratio; lower is "
-        f"better). Recipe: {recipe.describe()}. {tuning} Every other method runs at its "
-        f"defaults, nothing tuned. In the bad-batch scenarios {BAD_FRACTION:.0%} of the steps "
-        f"({num_bad} per run) train on a bad batch, spread over the run or (`late`) in its "
-        "last half. `—`: not run (see the plan in `lm_spike_benchmark.py`).",
-        "",
-        "## Bad batches",
-        "",
-        results_table(results, names, present(CORE), recipe),
-        "",
-        "Held-out loss (nats per byte), mean ± std over seeds:",
-        "",
-        loss_table(results, names, present(CORE)),
-        "",
-        "## Damage recovered",
-        "",
-        f"`(recipe_bad - method_bad) / (recipe_bad - recipe_clean)`, from the means over "
-        f"seeds: the share of {reference_name}'s bad-batch damage that the method takes away "
-        "(100 %: none left; above 100 %: better than the clean recipe; negative: worse "
-        "than the recipe). Where the recipe's own damage, paired over seeds, is within two "
-        "standard errors of zero there is nothing to recover, and the cell says so.",
-        "",
-        damage_table(results, names, present(BAD)),
-    ]
-    if present(UNITS):
-        sections += [
-            "",
-            "## The gradient's units",
-            "",
-            "The training loss multiplied by 0.1 or 10 (so is its gradient), relative to "
-            f"{reference_name}'s clean run at the usual scale (the held-out loss is the "
-            "usual one). Adam is nearly invariant to the scale; a fixed clip threshold is not.",
-            "",
-            results_table(results, names, present(UNITS), recipe),
-        ]
-    if any(all((n, s) in results for s in RATES) for n in names):
-        sections += [
-            "",
-            "## Learning-rate sensitivity",
-            "",
-            "Final held-out loss on clean data at 1x, 3x, 10x and 30x the peak rate, and the "
-            "LR sensitivity of Wortsman et al. (2023): the mean over the rates of "
-            "`min(loss, loss at init) - best loss` (lower is more robust; the loss at "
-            f"initialisation is {np.mean(loss_at_init):.3f}).",
-            "",
-            rates_table(results, names, loss_at_init, recipe),
-            "",
-            f"The figure `lm_{recipe.name}_lr.png` plots these losses against the rate.",
-        ]
-    sections += [
-        "",
-        "## Targets",
-        "",
-        "Mean over seeds, relative to the recipe's clean run; nothing tuned per scenario.",
-        "",
-        target_report(results, recipe, loss_at_init),
-        "",
-        "## Interventions and natural loss spikes",
-        "",
-        "Mean count per run of the steps each defence acted on: clipped (`tuned clip`: norm "
-        "above the threshold; ZClip; AdaGC and update clipping: a step where some tensor was "
-        "clipped; SPAM: some coordinate), capped (ALRC, `spike_guard`; with two signals the "
-        "caps of both, summed) or skipped (skip-step). The recipe's own clip and the "
-        "dampening are not counted.",
-        "",
-        counts_table(results, names, present(ALL), interventions),
-        "",
-        f"Natural loss spikes: steps whose training loss exceeds {SPIKE_FACTOR:g}x the median "
-        f"of the previous {SPIKE_WINDOW}, on a step without a bad batch (mean per run).",
-        "",
-        counts_table(results, names, present(ALL), spikes),
-        "",
-        "## Whole training-step time",
-        "",
-        "Measured side by side after the training runs, in the process that wrote this "
-        f"report: one clean run of {min(steps, 200)} steps per contender (forward, backward "
-        f"and update; the compiled program run {TIMING_REPEATS} times, the faster counts), "
-        "one contender after another, the recipe first and again last. The ratio is to the "
-        "faster of the recipe's two; their spread is the noise of the measurement.",
-        "",
-        step_time_table(timings, names),
-        "",
-        "## Setup",
-        "",
-        f"Corpus: {corpus.description}.  ",
-        f"Model: decoder-only transformer, {LAYERS} layers, width {WIDTH}, {HEADS} heads, "
-        f"context {CONTEXT}, tied byte embeddings, "
-        f"{sum(a.size for a in jax.tree.leaves(init_gpt(jax.random.key(0)))):,} parameters; "
-        f"batch {BATCH}.  ",
-        f"Held-out loss: {heldout_windows} fixed windows ({heldout_windows * CONTEXT:,} "
-        f"predicted bytes); the figure's curve: {CURVE_WINDOWS} of them every "
-        f"{eval_every(steps)} steps.  ",
-        "Plan (contender: scenarios): "
-        + "; ".join(f"`{n}`: {len([s for s in ALL if (n, s) in results])}" for n in names)
-        + ".  ",
-        f"Command: `{command}`  ",
-        f"Machine: {machine_line()}  ",
-        f"Wall time: {elapsed:.0f} s (training and compilation; cached contenders cost none)",
-        "",
-    ]
-    return "\n".join(sections)
-
-
-QUICK_STEPS, QUICK_SEEDS = 60, 1  # ~4 min on 2 cores (5 at most)
-FULL_STEPS, FULL_SEEDS = 1500, 3
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry point."""
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line's flags."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_flags(parser, QUICK_STEPS, QUICK_SEEDS, FULL_STEPS, FULL_SEEDS)
+    add_common_flags(parser, QUICK, FULL)
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="standard")
     parser.add_argument(
         "--heldout-windows",
@@ -1314,31 +1416,40 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="run only these scenarios of each contender's plan (the recipe always runs clean)",
     )
     parser.add_argument("--no-cache", action="store_true", help="do not keep or reuse results")
-    args = parser.parse_args(argv)
-    steps = args.steps or (FULL_STEPS if args.full else QUICK_STEPS)
-    num_seeds = args.seeds or (FULL_SEEDS if args.full else QUICK_SEEDS)
-    windows = args.heldout_windows or (HELDOUT_WINDOWS if args.full else QUICK_HELDOUT_WINDOWS)
+    return parser.parse_args(argv)
+
+
+def plan_of(args: argparse.Namespace) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The recipe's plan, narrowed by ``--contenders`` and ``--scenarios``."""
     plan = PLANS[args.recipe]["full" if args.full else "quick"]
     if args.contenders:
         given = dict(plan)
-        wanted = ["base", *(n for n in split_names(args.contenders) if n != "base")]
         default = ALL if args.scenarios else CORE
-        plan = tuple((contender(n).name, given.get(n, default)) for n in wanted)
+        plan = tuple(
+            (contender(n).name, given.get(n, default)) for n in base_first(args.contenders)
+        )
     if args.scenarios:
         keep = lambda name, s: s in args.scenarios or (name, s) == ("base", "clean")  # noqa: E731
         plan = tuple((n, tuple(s for s in ss if keep(n, s))) for n, ss in plan)
-    command = " ".join(["python benchmarks/lm_spike_benchmark.py", *(argv or sys.argv[1:])])
+    return plan
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point."""
+    args = parse_args(argv)
+    steps, seeds = steps_and_seeds(args, QUICK, FULL)
+    windows = args.heldout_windows or (HELDOUT_WINDOWS if args.full else QUICK_HELDOUT_WINDOWS)
     run_benchmark(
         args.recipe,
         steps,
-        list(range(num_seeds)),
+        seeds,
         args.out,
-        plan,
+        plan_of(args),
         heldout_windows=windows,
         sweep_peak=args.full,
         cache_dir=None if args.no_cache else os.path.join(args.out, "cache"),
         quiet=args.quiet,
-        command=command,
+        command=command_line("lm_spike_benchmark.py", argv),
     )
 
 

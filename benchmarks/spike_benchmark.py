@@ -21,6 +21,10 @@ published defaults. The ZClip and skip-step anchors are Optax transforms from
 ``anchors.py``, shared with the language-model benchmark. Every training run of a
 contender is one jitted ``lax.scan``, vmapped over scenarios and seeds.
 
+The script reads top to bottom: data, model, contenders, scenarios, training, report,
+main. What it shares with ``lm_spike_benchmark.py`` (flags, seeds, stacked runs, the
+sweep, tables, verdicts, the machine) is in ``reporting.py``.
+
 Usage::
 
   python benchmarks/spike_benchmark.py            # quick run, about 4 minutes on 2 cores
@@ -38,10 +42,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,15 +55,32 @@ from jax import lax
 import optax_logdamp as old
 
 from anchors import count_interventions
-from contenders import AGC_CLIPPING, Base, build, contender, split_names
+from contenders import AGC_CLIPPING, Base, build, contender
 from reporting import (
+    Label,
     add_common_flags,
+    base_first,
+    best_of_sweep,
+    command_line,
+    count_cell,
     curve_styles,
-    machine_line,
+    init_key,
+    markdown_table,
+    met,
+    method_rows,
     no_harm_verdict,
     paired_difference,
+    pyplot,
+    record_lines,
+    rows_by_scenario,
+    section,
+    seed_rng,
     smooth,
+    stack_runs,
+    steps_and_seeds,
     summarize,
+    sweep_text,
+    write_report,
 )
 
 Params = dict[str, jax.Array]
@@ -102,7 +122,12 @@ def load_digits_supersampling(test_fraction: float = 0.2) -> Data:
     order = np.random.default_rng(0).permutation(len(images))
     n_test = round(test_fraction * len(images))
     test, train = order[:n_test], order[n_test:]
-    return Data(*(jnp.asarray(a) for a in (small[train], large[train], small[test], large[test])))
+    return Data(
+        x_train=jnp.asarray(small[train]),
+        y_train=jnp.asarray(large[train]),
+        x_test=jnp.asarray(small[test]),
+        y_test=jnp.asarray(large[test]),
+    )
 
 
 # ---------------------------------------------------------------------------- model
@@ -179,6 +204,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("mse_corrupt", quartic=False, learning_rate=STABLE_LR, corrupt=True),
     Scenario("mse_high_lr", quartic=False, learning_rate=HIGH_LR, corrupt=False),
 )
+SCENARIO_NAMES = tuple(s.name for s in SCENARIOS)
 
 
 class Runs(NamedTuple):
@@ -192,14 +218,14 @@ class Runs(NamedTuple):
     hyper: jax.Array  # shape=(R,), float32: the contender's hyperparameter, if any
 
 
-def seed_streams(seed: int, steps: int, batch: int, n_train: int):
+def seed_streams(seed: int, steps: int, batch: int, n_train: int) -> dict[str, np.ndarray]:
     """Initial-parameter key, data order and corrupted steps of one seed (all contenders)."""
-    rng = np.random.default_rng(1000 + seed)
+    rng = seed_rng(seed, offset=1000)
     batches = rng.integers(0, n_train, size=(steps, batch), dtype=np.int32)
     num_bad = max(1, round(CORRUPT_FRACTION * steps))
     corrupt = np.zeros(steps, bool)
     corrupt[rng.choice(steps, size=num_bad, replace=False)] = True
-    return np.asarray(jax.random.key_data(jax.random.key(seed))), batches, corrupt
+    return {"init_key": init_key(seed), "batches": batches, "corrupt": corrupt}
 
 
 def make_runs(
@@ -209,38 +235,35 @@ def make_runs(
     batch: int,
     n_train: int,
     hypers: Sequence[float] = (0.0,),
-) -> tuple[Runs, list[tuple[str, int, float]]]:
+) -> tuple[Runs, list[Label]]:
     """All (scenario, hyperparameter, seed) runs of one batch size, and their labels."""
-    rows, labels = [], []
-    for scenario in scenarios:
-        for hyper in hypers:
-            for seed in seeds:
-                key, batches, corrupt = seed_streams(seed, steps, batch, n_train)
-                rows.append(
-                    (
-                        key,
-                        batches,
-                        corrupt & scenario.corrupt,
-                        np.float32(scenario.quartic),
-                        np.float32(scenario.learning_rate),
-                        np.float32(hyper),
-                    )
-                )
-                labels.append((scenario.name, seed, hyper))
-    stacked = [jnp.asarray(np.stack(column)) for column in zip(*rows, strict=True)]
-    return Runs(*stacked), labels
+
+    def row(scenario: Scenario, label: Label) -> dict[str, Any]:
+        stream = seed_streams(label.seed, steps, batch, n_train)
+        return dict(
+            stream,
+            corrupt=stream["corrupt"] & scenario.corrupt,
+            quartic=np.float32(scenario.quartic),
+            learning_rate=np.float32(scenario.learning_rate),
+            hyper=np.float32(label.hyper),
+        )
+
+    return stack_runs(Runs, scenarios, seeds, row, hypers=hypers)
 
 
 # ------------------------------------------------------------------------ training
 
 
-def train_one(name: str, data: Data, run: Runs) -> tuple[jax.Array, ...]:
-    """One full training run (traced; vmapped over runs by :func:`train_many`).
+class Trained(NamedTuple):
+    """What the runs of a contender record (leading axis R once vmapped)."""
 
-    Returns:
-      The training loss of every step (the raw batch loss, before any capping), the
-      final test mean squared error and the count of interventions (or -1).
-    """
+    train_loss: Any  # shape=(steps,): the raw batch loss of every step, before any capping
+    test_mse: Any  # shape=(): the final test mean squared error
+    interventions: Any  # shape=(): capped losses, clipped norms or skipped steps (-1: none)
+
+
+def train_one(name: str, data: Data, run: Runs) -> Trained:
+    """One full training run (traced; vmapped over runs by :func:`train_many`)."""
     params = init_mlp(jax.random.wrap_key_data(run.init_key))
     tx = build(name, Base(run.learning_rate), run.hyper)
     per_example = contender(name).per_example
@@ -267,38 +290,80 @@ def train_one(name: str, data: Data, run: Runs) -> tuple[jax.Array, ...]:
         step, (params, opt_state), (run.batches, run.corrupt)
     )
     test_mse = jnp.mean(jnp.square(mlp(params, data.x_test) - data.y_test))
-    return train_losses, test_mse, count_interventions(opt_state)
+    return Trained(
+        train_loss=train_losses, test_mse=test_mse, interventions=count_interventions(opt_state)
+    )
 
 
-def train_many(name: str, data: Data, runs: Runs) -> tuple[np.ndarray, ...]:
-    """All runs of one contender at one batch size: one compiled, vmapped scan.
-
-    Returns:
-      Training losses ``(R, steps)``, final test MSE ``(R,)`` and interventions ``(R,)``.
-    """
-    fn = jax.jit(jax.vmap(lambda run: train_one(name, data, run)))
-    return tuple(np.asarray(a) for a in fn(runs))
+def train_many(name: str, data: Data, runs: Runs) -> Trained:
+    """All runs of one contender at one batch size: one compiled, vmapped scan."""
+    trained = jax.jit(jax.vmap(lambda run: train_one(name, data, run)))(runs)
+    return Trained(*(np.asarray(field) for field in trained))
 
 
-# ------------------------------------------------------------------------ analysis
+def sweep_clip_threshold(
+    data: Data, steps: int, batch: int, seeds: Sequence[int]
+) -> tuple[float, dict[float, float]]:
+    """The clip_by_global_norm threshold with the lowest clean test error, and the sweep."""
+    clean = [s for s in SCENARIOS if s.name == "mse_stable"]
+    runs, labels = make_runs(clean, seeds, steps, batch, len(data.x_train), CLIP_SWEEP)
+    return best_of_sweep(labels, train_many("tuned clip", data, runs).test_mse, "hyper")
 
 
-def markdown_table(
-    results: dict, batch_sizes: Sequence[int], contender_names: Sequence[str]
-) -> str:
-    """Final test MSE (mean ± std over seeds): contenders x scenarios, one block per batch."""
-    lines = []
-    for batch in batch_sizes:
-        header = [f"batch {batch}"] + [s.name for s in SCENARIOS]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" * len(header))
-        for name in contender_names:
-            if (name, batch, SCENARIOS[0].name) not in results:
-                continue
-            cells = [summarize(results[name, batch, s.name]) for s in SCENARIOS]
-            lines.append("| " + " | ".join([name, *cells]) + " |")
-        lines.append("")
-    return "\n".join(lines)
+@dataclasses.dataclass
+class Measured:
+    """What the report is written from; results are keyed ``(contender, batch, scenario)``."""
+
+    steps: int
+    seeds: list[int]
+    batch_sizes: list[int]
+    results: dict = dataclasses.field(default_factory=dict)  # final test MSE per seed
+    curves: dict = dataclasses.field(default_factory=dict)  # seed 0's training loss
+    interventions: dict = dataclasses.field(default_factory=dict)  # per seed
+    thresholds: dict = dataclasses.field(default_factory=dict)  # {batch: the tuned clip's}
+    sweeps: dict = dataclasses.field(default_factory=dict)  # {batch: {threshold: clean MSE}}
+    command: str = ""
+    elapsed: float = 0.0  # seconds, compilation included
+
+
+def train_contender(name: str, batch: int, data: Data, measured: Measured) -> None:
+    """Every scenario and seed of one contender at one batch size, into ``measured``."""
+    runs, labels = make_runs(
+        SCENARIOS,
+        measured.seeds,
+        measured.steps,
+        batch,
+        len(data.x_train),
+        (measured.thresholds[batch],),
+    )
+    trained = train_many(name, data, runs)
+    for scenario, rows in rows_by_scenario(labels, SCENARIO_NAMES).items():
+        key = (name, batch, scenario)
+        measured.results[key] = trained.test_mse[rows]
+        measured.curves[key] = trained.train_loss[rows[0]]
+        measured.interventions[key] = trained.interventions[rows]
+
+
+def train_all(data: Data, names: Sequence[str], measured: Measured, quiet: bool) -> None:
+    """At each batch size: the clip sweep, then every contender that runs at that size."""
+    from tqdm import tqdm
+
+    jobs = [(c, b) for b in measured.batch_sizes for c in names if b >= min_batch(c)]
+    total = len(jobs) + len(measured.batch_sizes)
+    with tqdm(total=total, disable=quiet, desc="spike benchmark") as bar:
+        for batch in measured.batch_sizes:
+            bar.set_postfix_str(f"clip sweep, batch {batch}")
+            measured.thresholds[batch], measured.sweeps[batch] = sweep_clip_threshold(
+                data, measured.steps, batch, measured.seeds
+            )
+            bar.update()
+            for name in [c for c, b in jobs if b == batch]:
+                bar.set_postfix_str(f"{name}, batch {batch}")
+                train_contender(name, batch, data, measured)
+                bar.update()
+
+
+# -------------------------------------------------------------------------- report
 
 
 TARGET_METHODS = (
@@ -313,49 +378,125 @@ TARGET_METHODS = (
 )
 
 
-def target_report(results: dict, batch_sizes: Sequence[int], names: Sequence[str]) -> str:
+def results_tables(measured: Measured, names: Sequence[str]) -> str:
+    """Final test MSE (mean ± std over seeds): methods x scenarios, one table per batch."""
+    tables = []
+    for batch in measured.batch_sizes:
+
+        def cell(name: str, scenario: str, batch: int = batch) -> str:
+            key = (name, batch, scenario)
+            return summarize(measured.results[key]) if key in measured.results else "—"
+
+        rows = method_rows(names, SCENARIO_NAMES, cell, lead=lambda name: [name])
+        tables.append(markdown_table([f"batch {batch}", *SCENARIO_NAMES], rows))
+    return "\n\n".join(tables) + "\n"
+
+
+def intervention_table(measured: Measured, names: Sequence[str]) -> str:
+    """Mean count per run of capped losses / clipped norms / skipped steps."""
+    rows = []
+    for batch in measured.batch_sizes:
+
+        def cell(name: str, scenario: str, batch: int = batch) -> str:
+            return count_cell(measured.interventions.get((name, batch, scenario)))
+
+        rows += method_rows(names, SCENARIO_NAMES, cell, lambda name, b=batch: [str(b), name])
+    return markdown_table(["batch", "method", *SCENARIO_NAMES], rows)
+
+
+def target_table(measured: Measured, names: Sequence[str]) -> str:
     """The targets: corrupted vs clean within 2 %, clean vs Adam within noise."""
-    lines = [
-        "| batch | method | corrupt / clean, same method | corrupt / clean Adam | "
-        "within 2 % | clean − Adam (paired mean ± se) | no harm |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for batch in batch_sizes:
-        adam_clean = results["base", batch, "mse_stable"]
+    rows = []
+    for batch in measured.batch_sizes:
+        adam_clean = measured.results["base", batch, "mse_stable"]
         for name in names:
-            if (name, batch, "mse_stable") not in results:
+            if (name, batch, "mse_stable") not in measured.results:
                 continue
-            clean = results[name, batch, "mse_stable"]
-            corrupt = results[name, batch, "mse_corrupt"]
+            clean = measured.results[name, batch, "mse_stable"]
+            corrupt = measured.results[name, batch, "mse_corrupt"]
             ratio = float(np.mean(corrupt) / np.mean(clean))
             ratio_adam = float(np.mean(corrupt) / np.mean(adam_clean))
             diff, stderr = paired_difference(clean, adam_clean)
             verdict = "—" if name == "base" else no_harm_verdict(diff, stderr)
-            lines.append(
-                f"| {batch} | {name} | {ratio:.4f} | {ratio_adam:.4f} | "
-                f"{'yes' if ratio <= 1.02 else 'NO'} | {diff:+.5f} ± {stderr:.5f} | {verdict} |"
+            rows.append(
+                [
+                    str(batch),
+                    name,
+                    f"{ratio:.4f}",
+                    f"{ratio_adam:.4f}",
+                    met(ratio <= 1.02),
+                    f"{diff:+.5f} ± {stderr:.5f}",
+                    verdict,
+                ]
             )
-    return "\n".join(lines)
+    header = ["batch", "method", "corrupt / clean, same method", "corrupt / clean Adam"]
+    header += ["within 2 %", "clean − Adam (paired mean ± se)", "no harm"]
+    return markdown_table(header, rows)
 
 
-# ---------------------------------------------------------------------------- figure
+def introduction(measured: Measured) -> list[str]:
+    """The title and what the tables hold."""
+    return [
+        "# Spike-protection benchmark",
+        "",
+        f"Final held-out (test) MSE, mean ± std over {len(measured.seeds)} seeds, after "
+        f"{measured.steps} steps. Lower is better. Names are those of `contenders.py`: `base` "
+        "is Adam at the scenario's learning rate, and every other method is that defence in "
+        "front of it (`log_dampen` in front of Adam is `logadam`; `tuned clip` is "
+        "`clip_by_global_norm` with a swept threshold).",
+        f"Learning rates: stable {STABLE_LR:g}, high {HIGH_LR:g}; {CORRUPT_FRACTION:.1%} "
+        f"of the steps in `mse_corrupt` have their targets multiplied by {CORRUPT_FACTOR:g}.",
+        "",
+    ]
 
 
-def plot(curves: dict, results: dict, batch_sizes, contender_names, path: str) -> None:
-    """Training-loss curves (seed 0, log scale) per scenario and batch, and final errors."""
-    import matplotlib
+def tuning_text(measured: Measured) -> str:
+    """What was tuned, and how: the clip's sweep at each batch size."""
+    sweeps = "; ".join(
+        f"batch {b}: {sweep_text(measured.sweeps[b], digits=5)} "
+        f"(chosen: {measured.thresholds[b]:g})"
+        for b in measured.batch_sizes
+    )
+    return (
+        "`clip_by_global_norm`: threshold tuned by a sweep on clean `mse_stable` "
+        f"(test MSE per threshold): {sweeps}. "
+        f"`adaptive_grad_clip`: clipping = {AGC_CLIPPING:g}. All other methods: "
+        "defaults, nothing tuned."
+    )
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    style = curve_styles(contender_names)
-    nrows = len(batch_sizes) + 1
-    fig, axes = plt.subplots(nrows, len(SCENARIOS), figsize=(18, 4.2 * nrows), squeeze=False)
-    for row, batch in enumerate(batch_sizes):
+def format_report(measured: Measured) -> str:
+    """The Markdown report: results, tuning, interventions, targets, the record."""
+    names = list(dict.fromkeys(key[0] for key in measured.results))  # in the order they ran
+    targeted = [n for n in names if n in TARGET_METHODS or n.startswith("spike_guard")]
+    return "\n".join(
+        [
+            *introduction(measured),
+            results_tables(measured, names),
+            tuning_text(measured),
+            *section(
+                "Interventions",
+                "Mean count per run of losses capped (ALRC; examples for `alrc_per_example`), "
+                "norms clipped (ZClip) or steps skipped (skip-step).",
+                intervention_table(measured, names),
+            ),
+            *section("Targets", target_table(measured, targeted)),
+            "",
+            *record_lines(measured.command),
+            f"Wall time: {measured.elapsed:.0f} s (all of the above, compilation included)",
+            "",
+        ]
+    )
+
+
+def plot_curves(axes, measured: Measured, names: Sequence[str]) -> None:
+    """One row of panels per batch: training loss of seed 0 per scenario (log scale)."""
+    style = curve_styles(names)
+    for row, batch in enumerate(measured.batch_sizes):
         for col, scenario in enumerate(SCENARIOS):
             ax = axes[row, col]
-            for name in contender_names:
-                curve = curves.get((name, batch, scenario.name))
+            for name in names:
+                curve = measured.curves.get((name, batch, scenario.name))
                 if curve is None:
                     continue
                 width = max(1, len(curve) // 250)
@@ -366,23 +507,35 @@ def plot(curves: dict, results: dict, batch_sizes, contender_names, path: str) -
             ax.set_xlabel("step")
             if col == 0:
                 ax.set_ylabel("training loss")
-    for col, scenario in enumerate(SCENARIOS):
-        ax = axes[-1, col]
+
+
+def plot_finals(axes, measured: Measured, names: Sequence[str]) -> None:
+    """The last row of panels: final test MSE per method, one bar per batch size."""
+    batch_sizes, results = measured.batch_sizes, measured.results
+    for ax, scenario in zip(axes, SCENARIOS, strict=True):
         width = 0.8 / len(batch_sizes)
         for i, batch in enumerate(batch_sizes):
-            names = [n for n in contender_names if (n, batch, scenario.name) in results]
-            means = [np.nanmean(results[n, batch, scenario.name]) for n in names]
-            stds = [np.nanstd(results[n, batch, scenario.name]) for n in names]
-            pos = [
-                contender_names.index(n) + (i - (len(batch_sizes) - 1) / 2) * width for n in names
-            ]
+            ran = [n for n in names if (n, batch, scenario.name) in results]
+            means = [np.nanmean(results[n, batch, scenario.name]) for n in ran]
+            stds = [np.nanstd(results[n, batch, scenario.name]) for n in ran]
+            offset = (i - (len(batch_sizes) - 1) / 2) * width
+            pos = [names.index(n) + offset for n in ran]
             ax.bar(pos, means, width, yerr=stds, label=f"batch {batch}", alpha=0.8)
-        ax.set_xticks(range(len(contender_names)))
-        ax.set_xticklabels(contender_names, rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
         ax.set_yscale("log")
         ax.set_title(f"{scenario.name}: final test MSE", fontsize=10)
         ax.legend(fontsize=7)
-    handles, labels = axes[len(batch_sizes) - 1, 0].get_legend_handles_labels()  # every method
+
+
+def plot(measured: Measured, names: list[str], path: str) -> None:
+    """The figure: training-loss curves per scenario and batch, then the final errors."""
+    plt = pyplot()
+    nrows = len(measured.batch_sizes) + 1
+    fig, axes = plt.subplots(nrows, len(SCENARIOS), figsize=(18, 4.2 * nrows), squeeze=False)
+    plot_curves(axes, measured, names)
+    plot_finals(axes[-1], measured, names)
+    handles, labels = axes[nrows - 2, 0].get_legend_handles_labels()  # every method
     ncol = 7
     fig.legend(handles, labels, loc="upper center", ncol=ncol, fontsize=10, frameon=False)
     legend_rows = -(-len(labels) // ncol)  # the legend's height, above the panels' titles
@@ -391,86 +544,11 @@ def plot(curves: dict, results: dict, batch_sizes, contender_names, path: str) -
     plt.close(fig)
 
 
-# ------------------------------------------------------------------------------ main
+# ---------------------------------------------------------------------------- main
 
 
-def intervention_table(interventions: dict, batch_sizes: Sequence[int], names) -> str:
-    """Mean count per run of capped losses / clipped norms / skipped steps."""
-    lines = ["| batch | method | " + " | ".join(s.name for s in SCENARIOS) + " |"]
-    lines.append("|" + "---|" * (len(SCENARIOS) + 2))
-    for batch in batch_sizes:
-        for name in names:
-            counts = [interventions.get((name, batch, s.name)) for s in SCENARIOS]
-            if counts[0] is None or np.min(counts[0]) < 0:
-                continue
-            cells = [f"{np.mean(c):.1f}" for c in counts]
-            lines.append(f"| {batch} | {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def format_report(
-    results, interventions, sweeps, thresholds, steps, num_seeds, batch_sizes, command
-) -> str:
-    """The Markdown report: results, tuning, interventions, targets, machine."""
-    names = list(dict.fromkeys(key[0] for key in results))  # in the order they ran
-    sweep_text = "; ".join(
-        f"batch {b}: "
-        + ", ".join(f"{h:g} → {m:.5f}" for h, m in sweeps[b].items())
-        + f" (chosen: {thresholds[b]:g})"
-        for b in batch_sizes
-    )
-    return "\n".join(
-        [
-            "# Spike-protection benchmark",
-            "",
-            f"Final held-out (test) MSE, mean ± std over {num_seeds} seeds, after {steps} "
-            "steps. Lower is better. Names are those of `contenders.py`: `base` is Adam at "
-            "the scenario's learning rate, and every other method is that defence in front "
-            "of it (`log_dampen` in front of Adam is `logadam`; `tuned clip` is "
-            "`clip_by_global_norm` with a swept threshold).",
-            f"Learning rates: stable {STABLE_LR:g}, high {HIGH_LR:g}; {CORRUPT_FRACTION:.1%} "
-            f"of the steps in `mse_corrupt` have their targets multiplied by {CORRUPT_FACTOR:g}.",
-            "",
-            markdown_table(results, batch_sizes, names),
-            "`clip_by_global_norm`: threshold tuned by a sweep on clean `mse_stable` "
-            f"(test MSE per threshold): {sweep_text}. "
-            f"`adaptive_grad_clip`: clipping = {AGC_CLIPPING:g}. All other methods: "
-            "defaults, nothing tuned.",
-            "",
-            "## Interventions",
-            "",
-            "Mean count per run of losses capped (ALRC; examples for `alrc_per_example`), "
-            "norms clipped (ZClip) or steps skipped (skip-step).",
-            "",
-            intervention_table(interventions, batch_sizes, names),
-            "",
-            "## Targets",
-            "",
-            target_report(
-                results,
-                batch_sizes,
-                [n for n in names if n in TARGET_METHODS or n.startswith("spike_guard")],
-            ),
-            "",
-            f"Command: `{command}`  ",
-            f"Machine: {machine_line()}  ",
-            "",
-        ]
-    )
-
-
-def sweep_clip_threshold(data: Data, steps: int, batch: int, seeds: Sequence[int]) -> tuple:
-    """The clip_by_global_norm threshold with the lowest clean test error, and the sweep."""
-    clean = [s for s in SCENARIOS if s.name == "mse_stable"]
-    runs, labels = make_runs(clean, seeds, steps, batch, len(data.x_train), CLIP_SWEEP)
-    _, test_mse, _ = train_many("tuned clip", data, runs)
-    by_threshold = {h: [] for h in CLIP_SWEEP}
-    for (_, _, hyper), value in zip(labels, test_mse, strict=True):
-        by_threshold[hyper].append(value)
-    means = {h: float(np.mean(v)) for h, v in by_threshold.items()}
-    means = {h: (m if np.isfinite(m) else np.inf) for h, m in means.items()}
-    best = min(means, key=means.get)
-    return best, means
+QUICK = (2000, 3)  # steps, seeds
+FULL = (10000, 5)
 
 
 def run_benchmark(
@@ -482,7 +560,7 @@ def run_benchmark(
     command: str = "python benchmarks/spike_benchmark.py",
     contenders: Sequence[str] = CONTENDERS,
 ) -> dict:
-    """Runs every contender on every scenario; writes the Markdown table and the figure.
+    """Runs every contender on every scenario; writes the Markdown report and the figure.
 
     Args:
       steps: training steps per run.
@@ -497,58 +575,26 @@ def run_benchmark(
       ``{(contender, batch, scenario): final test MSE per seed}``, plus the paths
       under the keys ``"markdown"`` and ``"figure"``.
     """
-    from tqdm import tqdm
-
     start = time.perf_counter()
-    data = load_digits_supersampling()
-    names = list(contenders)
-    jobs = [(c, b) for b in batch_sizes for c in names if b >= min_batch(c)]
-    results, curves, interventions, thresholds, sweeps = {}, {}, {}, {}, {}
-    with tqdm(total=len(jobs) + len(batch_sizes), disable=quiet, desc="spike benchmark") as bar:
-        for batch in batch_sizes:
-            bar.set_postfix_str(f"clip sweep, batch {batch}")
-            thresholds[batch], sweeps[batch] = sweep_clip_threshold(data, steps, batch, seeds)
-            bar.update()
-            for contender in [c for c, b in jobs if b == batch]:
-                bar.set_postfix_str(f"{contender}, batch {batch}")
-                runs, labels = make_runs(
-                    SCENARIOS, seeds, steps, batch, len(data.x_train), (thresholds[batch],)
-                )
-                losses, test_mse, counts = train_many(contender, data, runs)
-                for scenario in SCENARIOS:
-                    rows = [i for i, lab in enumerate(labels) if lab[0] == scenario.name]
-                    key = (contender, batch, scenario.name)
-                    results[key] = test_mse[rows]
-                    curves[key] = losses[rows[0]]
-                    interventions[key] = counts[rows]
-                bar.update()
-    elapsed = time.perf_counter() - start
+    measured = Measured(steps=steps, seeds=list(seeds), batch_sizes=list(batch_sizes))
+    train_all(load_digits_supersampling(), list(contenders), measured, quiet)
+    measured.command, measured.elapsed = command, time.perf_counter() - start
 
-    report = format_report(
-        results, interventions, sweeps, thresholds, steps, len(seeds), batch_sizes, command
-    )
-    report += f"Wall time: {elapsed:.0f} s (all of the above, compilation included)\n"
-    os.makedirs(out_dir, exist_ok=True)
     md_path = os.path.join(out_dir, "spike_benchmark.md")
     png_path = os.path.join(out_dir, "spike_benchmark.png")
-    with open(md_path, "w") as f:
-        f.write(report)
-    plot(curves, results, batch_sizes, names, png_path)
+    report = format_report(measured)
+    write_report(report, md_path)
+    plot(measured, list(contenders), png_path)
     if not quiet:
         print(report)
         print(f"Wrote {md_path} and {png_path}")
-    results["markdown"], results["figure"] = md_path, png_path
-    return results
-
-
-QUICK_STEPS, QUICK_SEEDS = 2000, 3
-FULL_STEPS, FULL_SEEDS = 10000, 5
+    return {**measured.results, "markdown": md_path, "figure": png_path}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_flags(parser, QUICK_STEPS, QUICK_SEEDS, FULL_STEPS, FULL_SEEDS)
+    add_common_flags(parser, QUICK, FULL)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument(
         "--contenders",
@@ -556,20 +602,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="comma-separated registry names to run (default: all of CONTENDERS); base first",
     )
     args = parser.parse_args(argv)
-    names = CONTENDERS
-    if args.contenders:
-        names = ("base", *(n for n in split_names(args.contenders) if n != "base"))
-    steps = args.steps or (FULL_STEPS if args.full else QUICK_STEPS)
-    num_seeds = args.seeds or (FULL_SEEDS if args.full else QUICK_SEEDS)
-    command = " ".join(["python benchmarks/spike_benchmark.py", *(argv or sys.argv[1:])])
+    steps, seeds = steps_and_seeds(args, QUICK, FULL)
     run_benchmark(
-        steps,
-        list(range(num_seeds)),
-        args.batch_sizes,
-        args.out,
-        args.quiet,
-        command.strip(),
-        names,
+        steps=steps,
+        seeds=seeds,
+        batch_sizes=args.batch_sizes,
+        out_dir=args.out,
+        quiet=args.quiet,
+        command=command_line("spike_benchmark.py", argv),
+        contenders=tuple(base_first(args.contenders)) if args.contenders else CONTENDERS,
     )
 
 

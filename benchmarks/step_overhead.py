@@ -61,8 +61,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -77,6 +75,7 @@ import optax
 import optax_logdamp._grouping as grouping
 
 from contenders import Base, build, contender, split_names
+from reporting import machine_line
 
 LEARNING_RATE = 1e-3
 NUM_EXAMPLES = 256  # length of the per-example loss vector
@@ -340,16 +339,6 @@ def benchmark_size(
         )
         runner.release()
     return n, len(params), rows
-
-
-def machine_line() -> str:
-    """Backend, device and host, for the table header."""
-    device = jax.devices()[0]
-    return (
-        f"backend={jax.default_backend()} device={device.device_kind} "
-        f"host_cpus={os.cpu_count()} {platform.machine()} jax={jax.__version__} "
-        f"optax={optax.__version__}"
-    )
 
 
 def format_table(n: int, rows: Sequence[dict], steps: int, tensors: int, layout: str) -> str:

@@ -92,8 +92,8 @@ PAIRS: tuple[tuple[str, Callable[[], Any], Callable[[], Any]], ...] = (
     ),
     ("logadamw / adamw", lambda: optax.adamw(1e-3), lambda: old.logadamw(1e-3)),
 )
-# --per-tensor: the dampening pairs again, with the kernel traced per tensor (no grouping).
-PER_TENSOR = ("logadam(auto) / adam", "logadamw / adamw")
+# --per-tensor: these pairs again with grouping off (kernel and norm traced per tensor).
+PER_TENSOR = ("spike_guard() + recipe / recipe", "logadam(auto) / adam", "logadamw / adamw")
 
 
 def make_step(tx: optax.GradientTransformation, heads: int) -> Callable:

@@ -127,7 +127,7 @@ def alrc(
             f'signal="loss" only; signal={signal!r} starts its statistics from the data.'
         )
     rule = make_rule(num_stddev, decay, mu1_init, mu2_init, warmup_steps)
-    return signal_transform("alrc", "loss", rule, signal, None, axis_name, mu1_init, mu2_init)
+    return signal_transform("alrc", "loss", rule, signal, axis_name, mu1_init, mu2_init)
 
 
 def alrc_per_example(

@@ -6,7 +6,16 @@ so a model of a few hundred tensors compiles it a few hundred times; on CPU each
 costs milliseconds of compile time, more than Adam's own arithmetic, and the automatic
 knee adds its scalar arithmetic per tensor. Small tensors of one shape, dtype and sharding
 are stacked instead, and one ``lax.map`` over the stack traces and compiles the kernel
-(and the knee) once. Measured numbers: ``benchmarks/README.md``, "Compile time".
+(and the knee) once; the gradient norm takes one reduction per group's stack
+(:func:`optax_logdamp._numerics.global_norm`).
+
+Measured (``benchmarks/results/cost/``, 2 CPU cores): the optimizer step alone at 300
+tensors of (64, 64) compiles in 2.39 s instead of 6.97 s (``logadam``), 4.67 s instead
+of 20.1 s (``logadam(dampen_scale="auto")``) and 2.61 s instead of 4.13 s
+(``spike_guard()`` + Adam); the whole training step of a 12-layer GPT (100 tensors)
+with ``logadam(dampen_scale="auto")`` in 9.7 s instead of 12.8 s. Where few tensors
+share a shape it does not pay: the 2-layer GPT's step compiles up to 15 % slower with it
+(``logadamw``: 1.58 s against 1.37 s).
 
 Grouping is on for a single CPU device only (:func:`enabled`), and for tensors of at most
 :data:`MAX_GROUPED_SIZE` elements: there compile time dominates and the stacking copy
@@ -14,8 +23,8 @@ costs nothing measurable, while a large tensor keeps the kernel fused into Adam'
 updates, its fastest step. A group holds at most :data:`GROUP_SIZE` tensors: XLA:CPU
 compiles a fusion that reads one slice of a stack more slowly the more slices the stack
 has, so a few short stacks compile faster than one long one. The arithmetic per element
-is the same either way: results are bitwise those of the tensor-by-tensor path
-(``tests/test_grouping.py``).
+is the same either way: the dampened updates are bitwise those of the tensor-by-tensor
+path (``tests/test_grouping.py``); the norm's sum runs in another order.
 """
 
 from __future__ import annotations

@@ -114,9 +114,7 @@ def _saturating_add(total: jax.Array, amount: jax.Array) -> jax.Array:
     return jnp.where(total > _INT32_MAX - amount, _INT32_MAX, total + amount)
 
 
-def loss_scale(
-    loss: jax.Array, threshold: jax.Array, exponent: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
+def loss_scale(loss: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
     """ALRC's gradient factor for ``loss`` under ``threshold``, and whether it caps.
 
     A positive loss above the threshold is capped: its gradient is multiplied by
@@ -128,20 +126,7 @@ def loss_scale(
     capped = (loss > threshold) & (loss > 0) & jnp.isfinite(loss)
     safe_loss = jnp.where(capped, loss, 1.0)
     scale = jnp.where(capped, jnp.clip(threshold / safe_loss, 0.0, 1.0), 1.0)
-    if exponent is not None:
-        scale = _power_of_factor(scale, exponent)
     return lax.stop_gradient(scale), lax.stop_gradient(capped)
-
-
-def _power_of_factor(scale: jax.Array, exponent: jax.Array) -> jax.Array:
-    """``scale ** exponent`` for a factor in ``[0, 1]`` and a float32 exponent ``>= 1``.
-
-    Stays in ``[0, 1]`` (1 stays exactly 1, 0 stays 0). A traced exponent cannot be
-    checked: below 1, or NaN, it acts as 1; exactly 1 gives ``scale`` bitwise.
-    """
-    exponent = jnp.where(exponent > 1, exponent, 1.0)  # NaN and < 1 act as 1
-    powered = jnp.clip(lax.pow(scale, exponent), 0.0, 1.0)
-    return jnp.where((exponent == 1) | (scale == 1), scale, powered)
 
 
 def _next_threshold(rule: Rule, count, mean, var, num_steps) -> jax.Array:
@@ -217,7 +202,7 @@ def _advance(rule, state, *, finite, batch_mean, batch_var, scale, num_losses, n
     return new_state
 
 
-def cap_and_fold(rule, state, values, *, finite=None, axis_name=None, exponent=None):
+def cap_and_fold(rule, state, values, *, finite=None, axis_name=None):
     """Caps ``values`` at ``state.threshold`` and folds the capped values into the state.
 
     ``values`` is one statistic (a scalar, :func:`alrc`) or one loss per example (any
@@ -228,11 +213,9 @@ def cap_and_fold(rule, state, values, *, finite=None, axis_name=None, exponent=N
     exact global mean and variance (of equal-sized shards) are folded. The step is taken
     where ``finite`` (default: where the folded mean and variance are finite).
 
-    ``exponent`` (``None``: 1) only raises the gradient factor to that power.
-
     Returns the mean gradient factor, ``finite``, and the next state.
     """
-    scale, capped = loss_scale(values, state.threshold, exponent)
+    scale, capped = loss_scale(values, state.threshold)
     capped_values = jnp.where(capped, state.threshold, values)
     if values.ndim == 0:  # one value: its own mean, no spread (a literal 0 for XLA to fold)
         batch_mean, batch_var = capped_values, jnp.zeros([], jnp.float32)
@@ -271,22 +254,19 @@ def average_signals(statistics: dict, axis_name: str | None) -> dict:
     return {name: lax.pmean(x, axis_name) for name, x in statistics.items()}
 
 
-def cap_signals(rule: Rule, statistics: dict, states: dict, exponent: jax.Array | None = None):
+def cap_signals(rule: Rule, statistics: dict, states: dict):
     """Caps every signal at its state's threshold: the factor, finiteness, next states.
 
     ``statistics`` and ``states`` map signal names to the step's scalar (already
     averaged over the data-parallel axis: ``average_signals``) and its
     :class:`ALRCState`. A step counts as finite only if every statistic is; the factor
-    applied to the updates is the smallest of the signals' factors, each raised to
-    ``exponent`` where given (see :func:`loss_scale`).
+    applied to the updates is the smallest of the signals' factors.
     """
     finite = functools.reduce(jnp.logical_and, [jnp.isfinite(x) for x in statistics.values()])
     factor = jnp.ones([], jnp.float32)
     new_states = {}
     for name, statistic in statistics.items():
-        scale, _, new_states[name] = cap_and_fold(
-            rule, states[name], statistic, finite=finite, exponent=exponent
-        )
+        scale, _, new_states[name] = cap_and_fold(rule, states[name], statistic, finite=finite)
         factor = jnp.minimum(factor, scale)
     return factor, finite, new_states
 
@@ -367,21 +347,6 @@ def zero_if_skipped(updates, finite, scale=None):
     return jax.tree.map(leaf, updates)
 
 
-def check_exponent(exponent: chex.Numeric) -> jax.Array | None:
-    """Validates ``alrc``'s ``exponent``; ``None`` for a concrete 1 (the paper's factor)."""
-    check_scalar("exponent", exponent)
-    check_not_half_precision("exponent", exponent)
-    number = as_float(exponent)
-    if number is not None and not (1.0 <= number < float("inf")):
-        raise ValueError(
-            f"exponent must be a finite number >= 1 (1 is the paper's factor t / x; above 1 "
-            f"a capped step counts for less), got {exponent!r}."
-        )
-    if number == 1.0:
-        return None
-    return jnp.asarray(exponent, jnp.float32)
-
-
 def scalar_loss(transform: str, value: Any) -> jax.Array:
     """The batch loss given as ``value``, checked to be a real scalar, as float32.
 
@@ -419,7 +384,6 @@ def signal_transform(
     default_signal: str,
     rule: Rule,
     signal: str,
-    exponent: jax.Array | None,
     axis_name: str | None,
     mu1_init: Any = None,
     mu2_init: Any = None,
@@ -457,7 +421,7 @@ def signal_transform(
             statistics["grad_norm"] = global_norm(updates)
             states["grad_norm"] = state.grad_norm
         statistics = average_signals(statistics, axis_name)
-        factor, finite, states = cap_signals(rule, statistics, states, exponent)
+        factor, finite, states = cap_signals(rule, statistics, states)
         if signal == "loss":
             new_state = states["loss"]
         else:

@@ -105,6 +105,6 @@ def test_readme_links_resolve():
     """Relative links (docs pages, the figure) point at files of the repository."""
     links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README.read_text())
     relative = [link for link in links if "://" not in link]
-    assert "benchmarks/results/lm/lm_standard.png" in relative
+    assert any(link.endswith(".png") for link in relative)  # the figure
     missing = [link for link in relative if not (ROOT / link).exists()]
     assert not missing, f"README links to missing files: {missing}"

@@ -6,12 +6,15 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "spike_benchmark.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from spike_benchmark import CONTENDERS  # noqa: E402
+
+from reporting import Label, best_of_sweep, markdown_table, method_rows  # noqa: E402
 
 SCENARIOS = ("quartic_high_lr", "mse_stable", "mse_corrupt", "mse_high_lr")
 
@@ -33,7 +36,7 @@ def test_tiny_benchmark_writes_table_and_figure(tmp_path):
     header = next(line for line in table.splitlines() if line.startswith("| batch 2 |"))
     assert all(s in header for s in SCENARIOS)
     assert "Machine:" in table and "threshold tuned by a sweep" in table
-    assert "## Targets" in table
+    assert "## Targets" in table and "SPEC" not in table
 
     figure = (tmp_path / "spike_benchmark.png").read_bytes()
     assert figure[:8] == b"\x89PNG\r\n\x1a\n"
@@ -52,11 +55,28 @@ def test_default_output_is_ignored_by_git(monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, benchmark)  # dataclasses look it up
     spec.loader.exec_module(benchmark)
     calls = []
-    monkeypatch.setattr(benchmark, "run_benchmark", lambda *args: calls.append(args))
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda **kwargs: calls.append(kwargs))
     benchmark.main([])  # the README's command: no flags
     benchmark.main(["--out", "benchmarks/results"])  # regenerate the committed report
-    (_, _, _, default_out, *_), (_, _, _, requested_out, *_) = calls
+    default_out, requested_out = (call["out_dir"] for call in calls)
     for name in ("spike_benchmark.md", "spike_benchmark.png"):
         ignored = subprocess.run([*git, "check-ignore", "-q", os.path.join(default_out, name)])
         assert ignored.returncode == 0, f"{default_out}/{name} is not ignored by git"
     assert requested_out == "benchmarks/results"
+
+
+def test_the_sweep_chooses_the_lowest_mean_and_never_a_diverged_value():
+    labels = [Label("clean", seed, None, h) for h in (0.1, 1.0, 3.0) for seed in (0, 1)]
+    finals = np.array([2.0, 2.2, 1.0, np.nan, 2.1, 2.0], np.float32)
+    best, means = best_of_sweep(labels, finals, "hyper")
+    assert best == 3.0 and means[1.0] == np.inf
+    assert list(means) == [0.1, 1.0, 3.0] and means[0.1] == pytest.approx(2.1)
+
+
+def test_a_method_that_ran_nothing_has_no_row():
+    cells = {("a", "x"): "1.0", ("b", "x"): "—", ("c", "x"): ""}
+    rows = method_rows(["a", "b", "c"], ["x", "y"], lambda n, s: cells.get((n, s), "—"))
+    assert rows == [["`a`", "1.0", "—"]]
+    assert markdown_table(["method", "x", "y"], rows) == (
+        "| method | x | y |\n|---|---|---|\n| `a` | 1.0 | — |"
+    )

@@ -9,8 +9,7 @@ import optax.contrib
 import pytest
 from _alrc_sequences import noisy_training_losses
 
-from optax_logdamp import ALRCSignalsState, ALRCState, alrc, diagnostics, spike_guard
-from optax_logdamp._spike_guard import EXPONENT
+from optax_logdamp import ALRCSignalsState, alrc, diagnostics, spike_guard
 
 WARMUP = 20
 
@@ -84,46 +83,26 @@ def run(tx, grads, losses=None):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_matches_a_float64_reference_of_the_rule(seed):
-    """Each step's factor is ``min(1, t / G) ** EXPONENT`` with ``t`` of the float64 rule."""
+    """Each step's factor is ``min(1, t / G)`` with ``t`` of the float64 rule."""
     grads = gradients_with_norms(spiky_norms(600, seed), seed)
     norms = exact_norms(grads)
     updates, state = run(spike_guard(), grads)
     assert isinstance(state, ALRCSignalsState) and isinstance(state.loss, optax.EmptyState)
     steps = list(rule_steps(norms))
-    want = np.array(
-        [
-            (t / x) ** EXPONENT if capped else 1.0
-            for (t, capped), x in zip(steps, norms, strict=True)
-        ]
-    )
+    want = np.array([t / x if capped else 1.0 for (t, capped), x in zip(steps, norms, strict=True)])
     got = exact_norms(updates) / norms
     np.testing.assert_allclose(got, want, rtol=2e-5)
     capped = np.array([c for _, c in steps])
     assert capped.sum() >= 5 and int(state.grad_norm.num_clipped) == capped.sum()
 
 
-def test_statistics_are_alrc_s_and_only_a_capped_step_is_scaled_further():
-    """The statistics fold in the threshold whatever the factor: they are bitwise those of
-    ``alrc(signal="grad_norm")``; uncapped steps pass bitwise as there, capped ones are
-    scaled by ``(t / G) ** EXPONENT`` instead of ``t / G``."""
+def test_is_alrc_on_the_gradient_norm_bitwise():
     grads = gradients_with_norms(spiky_norms(400, 3), 3)
     got_updates, got = run(spike_guard(), grads)
     want_updates, want = run(alrc(signal="grad_norm"), grads)
-    for field in ALRCState._fields:
-        if field != "scale":
-            np.testing.assert_array_equal(
-                getattr(got.grad_norm, field), getattr(want.grad_norm, field), err_msg=field
-            )
-    paper = exact_norms(want_updates) / exact_norms(grads)
-    uncapped = paper == 1.0
-    assert uncapped.sum() > 300 and (~uncapped).sum() >= 5
-    for name in grads:
-        np.testing.assert_array_equal(got_updates[name][uncapped], want_updates[name][uncapped])
-    np.testing.assert_allclose(
-        exact_norms(got_updates)[~uncapped] / exact_norms(grads)[~uncapped],
-        paper[~uncapped] ** EXPONENT,
-        rtol=2e-5,
-    )
+    jax.tree.map(np.testing.assert_array_equal, got_updates, want_updates)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    assert int(got.grad_norm.num_clipped) >= 5
 
 
 def test_never_amplifies_nor_flips_a_gradient():
