@@ -65,3 +65,39 @@ def noisy_training_losses(num_steps, seed, *, start=5.0, end=0.5, noise=0.1):
     rng = np.random.default_rng(seed)
     trend = start * (end / start) ** (np.arange(num_steps) / num_steps)
     return trend * np.exp(noise * rng.standard_normal(num_steps))
+
+
+def from_data_reference(values, num_stddev=3.0, decay=0.999, warmup=WARMUP):
+    """The from-data rule in float64: thresholds, factors, and which steps restarted.
+
+    Bias-corrected moving averages of the capped value; a threshold of mean + n std
+    with a floor of (1 + n) mean during warm-up (none before the first value); during
+    warm-up, a value below mean / (1 + n) restarts the statistics from it.
+    """
+    count, mean, var = 0, 0.0, 0.0
+    thresholds, scales, restarts, floored = [], [], [], []
+    for step, x in enumerate(values):
+        if count == 0:
+            threshold, floor = np.inf, False
+        else:
+            threshold = mean + num_stddev * np.sqrt(var)
+            floor = step < warmup and (1 + num_stddev) * mean > threshold
+            if floor:
+                threshold = (1 + num_stddev) * mean
+        capped = x > threshold and x > 0
+        scale = threshold / x if capped else 1.0
+        value = threshold if capped else x
+        restart = step < warmup and count > 0 and mean > 0 and value * (1 + num_stddev) < mean
+        count += 1
+        if restart:
+            count, mean, var = 1, value, 0.0
+        else:
+            rate = min(1.0, (1 - decay) / (1 - decay**count))
+            delta = value - mean
+            mean += rate * delta
+            var = (1 - rate) * (var + rate * delta**2)
+        thresholds.append(threshold)
+        scales.append(scale)
+        restarts.append(restart)
+        floored.append(floor and capped)
+    return np.asarray(thresholds), np.asarray(scales), np.asarray(restarts), np.asarray(floored)
