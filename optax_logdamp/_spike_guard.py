@@ -66,5 +66,6 @@ def spike_guard(
         raise ValueError(f"signal must be one of {SIGNALS}, got {signal!r}.")
     if axis_name is not None and not isinstance(axis_name, str):
         raise TypeError(f"axis_name must be a string or None, got {axis_name!r}.")
-    rule = make_rule(num_stddev, 0.999, None, None, 20)
+    # alrc's defaults: statistics from the data, decay 0.999, a 20-step warm-up.
+    rule = make_rule(num_stddev, decay=0.999, mu1_init=None, mu2_init=None, warmup_steps=20)
     return signal_transform("spike_guard", "grad_norm", rule, signal, axis_name)
