@@ -9,6 +9,8 @@ of :data:`REGISTRY` builds the whole optimizer from it:
 - a front transform of this package added in front of the recipe, its clip kept
   (``spike_guard``, ``alrc(grad_norm)``, ``log_dampen(auto)``, ...);
 - ``... (no clip)``: the same front transform replacing the recipe's clip;
+- ``spike_guard (on the update)``: the guard after Adam's scaling, before the weight
+  decay and the learning rate, judging the update instead of the gradient;
 - the anchors (``anchors.py``), each at its published defaults: ZClip, AdaGC and SPAM
   replace the clip (they are clipping rules of their own), StableAdamW's update
   clipping replaces Adam's scaling, skip-step wraps the recipe (OLMo 2 and Levanter use
@@ -119,6 +121,14 @@ def _replacing_clip(*make_front: Callable[[], optax.GradientTransformation]) -> 
     return lambda base, hyper: optax.chain(*(f() for f in make_front), base.optimizer())
 
 
+def _guarding_updates(base: Base, hyper: Any) -> optax.GradientTransformation:
+    """``spike_guard()`` between Adam's scaling and the rest of the recipe: it judges the
+    norm of Adam's update direction, not of the gradient (the recipe's clip kept)."""
+    scaling = optax.scale_by_adam(b1=base.b1, b2=base.b2, eps=base.eps)
+    clip = [] if base.clip is None else [optax.clip_by_global_norm(base.clip)]
+    return optax.chain(*clip, base.tail(optax.chain(scaling, old.spike_guard())))
+
+
 _ALRC_NORM = lambda: old.alrc(signal="grad_norm")  # noqa: E731
 _ALRC_BOTH = lambda: old.alrc(signal="both")  # noqa: E731
 _AUTO = lambda: old.log_dampen("auto")  # noqa: E731
@@ -141,6 +151,7 @@ _ENTRIES: tuple[Contender, ...] = (
     Contender("log_dampen", _front(old.log_dampen)),
     Contender("alrc + log_dampen", _front(old.alrc, old.log_dampen)),
     Contender("alrc_per_example", _front(old.alrc_per_example), per_example=True),
+    Contender("spike_guard (on the update)", _guarding_updates),
     # ... replacing the recipe's clip.
     Contender("spike_guard (no clip)", _replacing_clip(old.spike_guard)),
     Contender("alrc(grad_norm) (no clip)", _replacing_clip(_ALRC_NORM)),

@@ -72,7 +72,10 @@ def init_mlp(key: jax.Array, n_in: int, n_out: int) -> Params:
     return {
         "in": dense(keys[0], n_in, WIDTH),
         "blocks": [
-            (dense(keys[1 + 2 * i], WIDTH, WIDTH), dense(keys[2 + 2 * i], WIDTH, WIDTH, 1 / np.sqrt(BLOCKS)))
+            (
+                dense(keys[1 + 2 * i], WIDTH, WIDTH),
+                dense(keys[2 + 2 * i], WIDTH, WIDTH, 1 / np.sqrt(BLOCKS)),
+            )
             for i in range(BLOCKS)
         ],
         "out": dense(keys[-1], WIDTH, n_out, OUT_GAIN),
@@ -137,7 +140,7 @@ def kid(x: jax.Array, y: jax.Array, projection: jax.Array) -> jax.Array:
 
 
 def diversity(images: jax.Array) -> jax.Array:
-    """The mean distance between two images of a set (0 when every image is the same)."""
+    """The mean distance between two images of a set (0, up to rounding, when all are one)."""
     flat = images.reshape(len(images), -1)
     sq = jnp.sum(flat**2, axis=1)
     dist = jnp.sqrt(jnp.maximum(sq[:, None] + sq[None] - 2 * flat @ flat.T, 0.0))
@@ -155,7 +158,9 @@ class Data(NamedTuple):
 
 def load_data() -> Data:
     flower = photographs()[FLOWER : FLOWER + 1] * 2 - 1
-    return Data(jnp.asarray(training_region(flower)), jnp.asarray(test_crops(flower, CROP, TEST_STRIDE)))
+    return Data(
+        jnp.asarray(training_region(flower)), jnp.asarray(test_crops(flower, CROP, TEST_STRIDE))
+    )
 
 
 # -------------------------------------------------------------------------- training
@@ -169,7 +174,9 @@ class Trained(NamedTuple):
     samples: Any  # shape=(16, 16, 16, 3): the first generated samples, for the figure
 
 
-def train_one(name: str, data: Data, steps: int, learning_rate: float, seed_key: jax.Array) -> Trained:
+def train_one(
+    name: str, data: Data, steps: int, learning_rate: float, seed_key: jax.Array
+) -> Trained:
     """One GAN training run (traced; vmapped over seeds by :func:`train_seeds`)."""
     k_g, k_d, k_data, k_score = jax.random.split(jax.random.wrap_key_data(seed_key), 4)
     g_params = init_mlp(k_g, LATENT, PIXELS)
@@ -199,7 +206,9 @@ def train_one(name: str, data: Data, steps: int, learning_rate: float, seed_key:
     return Trained(d_losses, g_losses, score, relative_diversity, samples[:16])
 
 
-def train_seeds(name: str, data: Data, steps: int, learning_rate: float, seeds: list[int]) -> Trained:
+def train_seeds(
+    name: str, data: Data, steps: int, learning_rate: float, seeds: list[int]
+) -> Trained:
     """Every seed of one contender: one compiled, vmapped scan."""
     keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
     run = jax.jit(jax.vmap(lambda k: train_one(name, data, steps, learning_rate, k)))

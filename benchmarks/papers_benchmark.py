@@ -42,6 +42,7 @@ import supersampling as ss
 from reporting import (
     ROOT,
     command_line,
+    count_spikes,
     curve_styles,
     logger,
     markdown_table,
@@ -61,8 +62,6 @@ QUICK_BATCHES = (1,)
 FULL_BATCHES = (1, 4, 16)
 QUICK_ALRC_CONTENDERS = ("base", "alrc_per_example", "spike_guard")
 QUICK_GAN_CONTENDERS = ("base", "log_dampen", "log_dampen(auto)", "spike_guard")
-SPIKE_FACTOR = 10.0  # a spike: a loss above 10x the median of the 100 steps before it
-SPIKE_WINDOW = 100
 COLLAPSED = 0.1  # a GAN run collapsed: its samples' diversity below 0.1x the real crops'
 LABELS = {
     "base": "Adam",
@@ -73,21 +72,6 @@ LABELS = {
     "log_dampen": "logadam (the post's knee)",
     "log_dampen(auto)": "logadam(dampen_scale='auto')",
 }
-
-
-# ----------------------------------------------------------------------------- spikes
-
-
-def count_spikes(losses: np.ndarray, floor: float = 0.0) -> int:
-    """Loss spikes of a run: the steps whose loss exceeds ``SPIKE_FACTOR`` times the
-    median of the ``SPIKE_WINDOW`` steps before it (and ``floor``), consecutive ones
-    counted once. A non-finite loss counts as above any threshold."""
-    losses = np.where(np.isfinite(losses), losses, np.inf)
-    above = np.zeros(len(losses), bool)
-    for t in range(SPIKE_WINDOW, len(losses)):
-        median = np.median(losses[t - SPIKE_WINDOW : t])
-        above[t] = losses[t] > max(SPIKE_FACTOR * median, floor)
-    return int(np.sum(above[1:] & ~above[:-1]) + above[0])
 
 
 # ---------------------------------------------------------------------- ALRC's paper
@@ -107,7 +91,8 @@ def run_alrc(steps: int, seeds: list[int], batches: Sequence[int], names: Sequen
             clean = next(s for s in here if not s.quartic)
             rows = [ss.make_run(seed, clean, h) for h in ss.CLIP_SWEEP for seed in seeds]
             errors = ss.train_runs("tuned clip", data, steps, batch, ss.stack(rows)).test_error
-            means = dict(zip(ss.CLIP_SWEEP, errors.reshape(len(ss.CLIP_SWEEP), -1).mean(axis=1)))
+            per_threshold = errors.reshape(len(ss.CLIP_SWEEP), -1).mean(axis=1)
+            means = dict(zip(ss.CLIP_SWEEP, per_threshold, strict=True))
             sweeps[batch] = {float(k): float(v) for k, v in means.items()}
             threshold = min(means, key=means.__getitem__)
             log(f"batch {batch}: clip sweep {sweeps[batch]} -> {threshold}")
@@ -169,7 +154,8 @@ def alrc_verdicts(results, settings) -> tuple[str, list[dict]]:
                 np.mean([count_spikes(c) for c in results[n, s.name].train_loss])
                 for n in ("base", "alrc_per_example")
             ]
-            ours = f"spikes per run {spikes[0]:.1f} → {spikes[1]:.1f}; error {diff:+.1%} ± {stderr:.1%}"
+            ours = f"spikes per run {spikes[0]:.1f} → {spikes[1]:.1f}; "
+            ours += f"error {diff:+.1%} ± {stderr:.1%}"
             holds = spikes[1] < spikes[0] and verdict != "WORSE"
         else:
             claim = claims[s.quartic]
@@ -199,12 +185,8 @@ def gan_outcomes(trained: gan.Trained) -> dict[str, np.ndarray]:
     """Per seed: failed (non-finite or collapsed), spikes, KID and diversity."""
     finite = np.isfinite(trained.kid) & np.isfinite(trained.diversity)
     failed = ~finite | (np.nan_to_num(trained.diversity) < COLLAPSED)
-    spikes = np.array(
-        [
-            count_spikes(np.maximum(d, g), floor=10.0)
-            for d, g in zip(trained.d_loss, trained.g_loss)
-        ]
-    )
+    larger = np.maximum(trained.d_loss, trained.g_loss)
+    spikes = np.array([count_spikes(losses, floor=10.0) for losses in larger])
     return {"failed": failed, "spikes": spikes, "kid": trained.kid, "diversity": trained.diversity}
 
 
@@ -224,7 +206,15 @@ def gan_table(results, names, rates) -> str:
                     f"{np.median(o['diversity']):.2f}",
                 ]
             )
-    header = ["rate", "optimizer", "failed runs", "spikes per run", "KID median", "KID mean ± std", "diversity"]
+    header = [
+        "rate",
+        "optimizer",
+        "failed runs",
+        "spikes per run",
+        "KID median",
+        "KID mean ± std",
+        "diversity",
+    ]
     return markdown_table(header, rows)
 
 
@@ -236,7 +226,9 @@ def gan_verdict(results, rates) -> str:
         fewer_failures = log_adam["failed"].sum() < adam["failed"].sum()
         better = np.median(log_adam["kid"]) < np.median(adam["kid"])
         same_failures = log_adam["failed"].sum() == adam["failed"].sum()
-        holds = fewer_failures or (same_failures and better and adam["failed"].sum() < len(adam["failed"]))
+        holds = fewer_failures or (
+            same_failures and better and adam["failed"].sum() < len(adam["failed"])
+        )
         rows.append(
             [
                 f"{rate:g}",
@@ -258,7 +250,7 @@ def plot_alrc(results, settings, path: str) -> None:
     fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 4), squeeze=False)
     names = [n for n in ss.CONTENDERS if (n, shown[0].name) in results]
     styles = curve_styles(names)
-    for ax, s in zip(axes[0], shown):
+    for ax, s in zip(axes[0], shown, strict=True):
         for name in names:
             if (name, s.name) not in results:
                 continue
@@ -354,7 +346,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "![Training loss](alrc_curves.png)",
         )
         plot_alrc(results, settings, os.path.join(args.out, "alrc_curves.png"))
-        record["alrc_errors"] = {f"{n} | {s}": r.test_error.tolist() for (n, s), r in results.items()}
+        record["alrc_errors"] = {
+            f"{n} | {s}": r.test_error.tolist() for (n, s), r in results.items()
+        }
     if args.part in ("gan", "both"):
         steps, seeds = plan["gan"]
         names = gan.CONTENDERS if args.full else QUICK_GAN_CONTENDERS
@@ -378,7 +372,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{n} | {r:g}": {k: v.tolist() for k, v in gan_outcomes(t).items()}
             for (n, r), t in results.items()
         }
-    lines += ["", f"Elapsed: {time.perf_counter() - start:.0f} s  ", *record_lines(command_line("papers_benchmark.py", argv))]
+    lines += [
+        "",
+        f"Elapsed: {time.perf_counter() - start:.0f} s  ",
+        *record_lines(command_line("papers_benchmark.py", argv)),
+    ]
     write_report("\n".join(lines) + "\n", os.path.join(args.out, "papers.md"))
     with open(os.path.join(args.out, "papers.json"), "w") as f:
         json.dump(record, f, indent=1)

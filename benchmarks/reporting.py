@@ -282,6 +282,27 @@ def no_harm_verdict(diff: float, stderr: float) -> str:
     return "better" if diff < 0 else "WORSE"
 
 
+# --------------------------------------------------------------------------- spikes
+
+
+def count_spikes(
+    losses: np.ndarray, factor: float = 10.0, window: int = 100, floor: float = 0.0
+) -> int:
+    """Loss spikes of a run: the steps whose loss exceeds ``factor`` times the median of
+    the ``window`` steps before it (and ``floor``), consecutive ones counted once.
+
+    A non-finite loss counts as above any threshold; the first ``window`` steps, with no
+    median to judge them by, are not counted.
+    """
+    losses = np.where(np.isfinite(losses), losses, np.inf)
+    above = np.zeros(len(losses), bool)
+    if len(losses) > window:
+        before = np.lib.stride_tricks.sliding_window_view(losses[:-1], window)
+        threshold = np.maximum(factor * np.median(before, axis=1), floor)
+        above[window:] = losses[window:] > threshold
+    return int(np.sum(above[1:] & ~above[:-1]) + above[0])
+
+
 # --------------------------------------------------------------------- the record
 
 

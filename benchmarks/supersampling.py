@@ -31,8 +31,8 @@ import optax_logdamp as old
 
 from contenders import Base, build, contender
 from photos import (
-    down_and_up,
     distort,
+    down_and_up,
     photographs,
     random_crops,
     standardize,
@@ -74,7 +74,8 @@ def kernel_shapes(widths: tuple[int, int] = WIDTHS) -> list[tuple[int, int, int,
 def init_net(key: jax.Array, widths: tuple[int, int] = WIDTHS) -> Params:
     """Glorot-uniform kernels and zero biases (``tf.contrib.layers.conv2d``'s defaults)."""
     params = []
-    for k, (h, w, c_in, c_out) in zip(jax.random.split(key, 10), kernel_shapes(widths)):
+    shapes = kernel_shapes(widths)
+    for k, (h, w, c_in, c_out) in zip(jax.random.split(key, len(shapes)), shapes, strict=True):
         limit = np.sqrt(6 / (h * w * (c_in + c_out)))
         kernel = jax.random.uniform(k, (h, w, c_in, c_out), minval=-limit, maxval=limit)
         params.append((kernel, jnp.zeros(c_out)))
@@ -226,9 +227,7 @@ def train_one(name: str, data: Data, steps: int, batch: int, run: Run) -> Traine
         updates, opt_state = tx.update(grads, opt_state, params, value=value)
         return (optax.apply_updates(params, updates), opt_state), raw.mean()
 
-    (params, opt_state), train_loss = lax.scan(
-        step, (params, tx.init(params)), jnp.arange(steps)
-    )
+    (params, opt_state), train_loss = lax.scan(step, (params, tx.init(params)), jnp.arange(steps))
     test_error = jnp.mean(image_losses(params, data.test, run.quartic))
     return Trained(train_loss, test_error, count_capped(opt_state))
 
