@@ -88,8 +88,12 @@ def distort(key: jax.Array, crops: jax.Array) -> jax.Array:
     ``adjust_contrast``: a shift, then a scaling about each channel's mean)."""
     batch = crops.shape[0]
     k_bright, k_contrast = jax.random.split(key)
-    shift = jax.random.uniform(k_bright, (batch, 1, 1, 1), minval=-MAX_BRIGHTNESS, maxval=MAX_BRIGHTNESS)
-    factor = jax.random.uniform(k_contrast, (batch, 1, 1, 1), minval=CONTRAST_RANGE[0], maxval=CONTRAST_RANGE[1])
+    shift = jax.random.uniform(
+        k_bright, (batch, 1, 1, 1), minval=-MAX_BRIGHTNESS, maxval=MAX_BRIGHTNESS
+    )
+    factor = jax.random.uniform(
+        k_contrast, (batch, 1, 1, 1), minval=CONTRAST_RANGE[0], maxval=CONTRAST_RANGE[1]
+    )
     crops = crops + shift
     mean = crops.mean(axis=(1, 2), keepdims=True)
     return (crops - mean) * factor + mean

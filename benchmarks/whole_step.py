@@ -43,12 +43,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from lm_spike_benchmark import BATCH, CONTEXT, VOCAB, init_gpt, lm_loss
 
 import optax_logdamp as old
 import optax_logdamp._grouping as grouping
 
 from contenders import Base
+from lm_spike_benchmark import BATCH, CONTEXT, VOCAB, init_gpt, lm_loss
 from reporting import machine_line, markdown_table
 
 PEAK_LR, TOTAL_STEPS = 1e-2, 1500

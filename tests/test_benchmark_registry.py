@@ -15,12 +15,15 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import lm_spike_benchmark  # noqa: E402
+import natural_spikes  # noqa: E402
 import spike_benchmark  # noqa: E402
 import step_overhead  # noqa: E402
 
 import optax_logdamp as old  # noqa: E402
 
+import flower_gan  # noqa: E402
+import lm_spike_benchmark  # noqa: E402
+import supersampling  # noqa: E402
 from contenders import REGISTRY, Base, build, contender, split_names  # noqa: E402
 
 
@@ -32,10 +35,16 @@ def benchmark_names() -> dict[str, set[str]]:
         for name, _ in plan
     }
     overhead = {c.name for c in step_overhead.contenders()} - set(step_overhead.MEASUREMENTS)
-    return {"lm": lm, "digits": set(spike_benchmark.CONTENDERS), "step_overhead": overhead}
+    return {
+        "lm": lm,
+        "digits": set(spike_benchmark.CONTENDERS),
+        "step_overhead": overhead,
+        "papers": set(supersampling.CONTENDERS) | set(flower_gan.CONTENDERS),
+        "natural_spikes": set(natural_spikes.CONTENDERS),
+    }
 
 
-@pytest.mark.parametrize("benchmark", ["lm", "digits", "step_overhead"])
+@pytest.mark.parametrize("benchmark", ["lm", "digits", "step_overhead", "papers", "natural_spikes"])
 def test_every_benchmark_uses_registry_names(benchmark):
     names = benchmark_names()[benchmark]
     assert names, benchmark
@@ -132,3 +141,29 @@ def test_log_dampen_in_front_of_adam_is_logadam_bitwise():
             u1, s1 = ours.update(grads, s1, params, value=1.0)
             u2, s2 = alias.update(grads, s2, params)
             jax.tree.map(np.testing.assert_array_equal, u1, u2)
+
+
+def test_the_guard_on_the_update_sits_between_adams_scaling_and_the_rate():
+    """``spike_guard (on the update)`` judges Adam's update direction: after the
+    recipe's clip and Adam's scaling, before the weight decay and the rate."""
+    base = RECIPES["standard"]
+    ours = build("spike_guard (on the update)", base)
+    theirs = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8),
+        old.spike_guard(),
+        optax.add_decayed_weights(0.1, lambda p: jax.tree.map(lambda a: a.ndim >= 2, p)),
+        optax.scale_by_learning_rate(base.learning_rate),
+    )
+    params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+    s1, s2 = ours.init(params), theirs.init(params)
+    # Adam's own spike: after 60 steps of tiny gradients its second moment has decayed,
+    # and the next ordinary gradient makes an update far above the recent ones.
+    scales = [1.0] * 30 + [1e-3] * 60 + [1.0]
+    for step, scale in enumerate(scales):
+        wave = lambda p, k=step, c=scale: c * jnp.cos(k + jnp.arange(p.size)).reshape(p.shape)  # noqa: E731
+        grads = jax.tree.map(wave, params)
+        u1, s1 = ours.update(grads, s1, params, value=1.0)
+        u2, s2 = theirs.update(grads, s2, params)
+        jax.tree.map(np.testing.assert_array_equal, u1, u2)
+    assert old.diagnostics(s1)["grad_norm/num_clipped"] >= 1  # the guard acted on the update

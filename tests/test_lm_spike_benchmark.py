@@ -14,7 +14,6 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import lm_spike_benchmark as lm  # noqa: E402
-
 from reporting import ratio_cell, summarize  # noqa: E402
 
 TINY_RUN = """

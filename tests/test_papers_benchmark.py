@@ -14,11 +14,10 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "papers_benchmark.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from reporting import count_spikes  # noqa: E402
-
 import flower_gan as gan  # noqa: E402
 import photos  # noqa: E402
 import supersampling as ss  # noqa: E402
+from reporting import count_spikes  # noqa: E402
 
 # ---------------------------------------------------------------------------- data
 

@@ -17,7 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 # Sections known to hold python code: a parser that stops finding them fails loudly.
 EXPECTED = {"Usage"}
-BENCHMARKS = ("benchmarks/spike_benchmark.py", "benchmarks/lm_spike_benchmark.py")
+BENCHMARKS = (
+    "benchmarks/spike_benchmark.py",
+    "benchmarks/lm_spike_benchmark.py",
+    "benchmarks/papers_benchmark.py",
+)
 
 
 def readme_sections() -> dict[str | None, list[str]]:
@@ -87,7 +91,7 @@ def setup_commands() -> list[str]:
     return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def test_first_setup_command_installs_and_runs_both_benchmarks():
+def test_first_setup_command_installs_and_runs_the_benchmarks():
     first, second = setup_commands()
     steps = [shlex.split(step) for step in first.split("&&")]
     assert steps[0] == ["pip", "install", "-e", ".[examples]"]
