@@ -168,6 +168,12 @@ def spikes_of(trained: Trained) -> np.ndarray:
     return np.array([count_spikes(c, floor=SPIKE_FLOOR) for c in trained.train_loss])
 
 
+def peaks(trained: Trained) -> np.ndarray:
+    """Per run: the highest training loss after the first 1000 steps (how high it spiked)."""
+    losses = np.where(np.isfinite(trained.train_loss), trained.train_loss, np.inf)
+    return losses[:, 1000:].max(axis=1)
+
+
 def spike_steps(trained: Trained) -> np.ndarray:
     """Steps with a training loss above the floor after the first 1000 (in spikes)."""
     return np.sum(trained.train_loss[:, 1000:] > SPIKE_FLOOR, axis=1)
@@ -184,6 +190,7 @@ def slingshot_table(results: dict, names: Sequence[str]) -> str:
                 LABELS.get(name, f"`{name}`"),
                 f"{np.mean(spikes_of(t)):.1f}",
                 f"{np.mean(spike_steps(t)):.0f}",
+                ", ".join(f"{p:.2g}" for p in peaks(t)),
                 summarize(t.test_loss),
                 "" if name == "base" else f"{diff:+.3f} ± {stderr:.3f}",
                 summarize(t.test_accuracy),
@@ -194,6 +201,7 @@ def slingshot_table(results: dict, names: Sequence[str]) -> str:
         "method",
         "spikes per run",
         "steps above 1e-3",
+        "highest loss after step 1000 (per seed)",
         "held-out loss",
         "vs Adam (paired ± SE)",
         "held-out accuracy",
@@ -379,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "test_loss": t.test_loss.tolist(),
                 "spikes": spikes_of(t).tolist(),
                 "steps_above_floor": spike_steps(t).tolist(),
+                "peak": peaks(t).tolist(),
             }
             for (n, m), t in results.items()
         }
