@@ -169,9 +169,10 @@ def spikes_of(trained: Trained) -> np.ndarray:
 
 
 def peaks(trained: Trained) -> np.ndarray:
-    """Per run: the highest training loss after the first 1000 steps (how high it spiked)."""
+    """Per run: the highest training loss after the first 1000 steps (how high it
+    spiked); after the first half in a run of fewer than 2000 steps."""
     losses = np.where(np.isfinite(trained.train_loss), trained.train_loss, np.inf)
-    return losses[:, 1000:].max(axis=1)
+    return losses[:, min(1000, losses.shape[1] // 2) :].max(axis=1)
 
 
 def spike_steps(trained: Trained) -> np.ndarray:
