@@ -23,8 +23,8 @@ rising to 1e-8 out of the count); consecutive steps count once.
 
 Usage::
 
-  python benchmarks/natural_spikes.py                     # slingshot, 3 seeds (~10 min)
-  python benchmarks/natural_spikes.py --part lm           # the LM's rates (~6 min)
+  python benchmarks/natural_spikes.py                     # slingshot, 3 seeds (~15 min)
+  python benchmarks/natural_spikes.py --part lm           # the LM's rates (~5 min)
   python benchmarks/natural_spikes.py --part both --out benchmarks/results/natural_spikes
 """
 
