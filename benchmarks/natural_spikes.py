@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -55,11 +54,10 @@ from reporting import (
     markdown_table,
     paired_difference,
     pyplot,
-    record_lines,
     section,
     smooth,
     summarize,
-    write_report,
+    write_report_and_record,
 )
 
 TRAIN = 256  # training images: few, so that the loss falls to ~0
@@ -392,15 +390,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             }
             for (n, m), t in results.items()
         }
-    lines += [
-        "",
-        f"Elapsed: {time.perf_counter() - start:.0f} s  ",
-        *record_lines(command_line("natural_spikes.py", argv)),
-    ]
-    write_report("\n".join(lines) + "\n", os.path.join(args.out, "natural_spikes.md"))
-    with open(os.path.join(args.out, "natural_spikes.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    log(f"report: {os.path.join(args.out, 'natural_spikes.md')}")
+    path = os.path.join(args.out, "natural_spikes.md")
+    command = command_line("natural_spikes.py", argv)
+    write_report_and_record(lines, record, path, command, time.perf_counter() - start)
+    log(f"report: {path}")
 
 
 if __name__ == "__main__":

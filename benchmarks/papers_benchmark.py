@@ -30,7 +30,6 @@ benchmarks/results/papers``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -49,11 +48,10 @@ from reporting import (
     no_harm_verdict,
     paired_difference,
     pyplot,
-    record_lines,
     section,
     smooth,
     summarize,
-    write_report,
+    write_report_and_record,
 )
 
 QUICK = {"alrc": (300, 2), "gan": (300, 2)}  # (steps, seeds)
@@ -372,15 +370,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{n} | {r:g}": {k: v.tolist() for k, v in gan_outcomes(t).items()}
             for (n, r), t in results.items()
         }
-    lines += [
-        "",
-        f"Elapsed: {time.perf_counter() - start:.0f} s  ",
-        *record_lines(command_line("papers_benchmark.py", argv)),
-    ]
-    write_report("\n".join(lines) + "\n", os.path.join(args.out, "papers.md"))
-    with open(os.path.join(args.out, "papers.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    log(f"report: {os.path.join(args.out, 'papers.md')}")
+    path = os.path.join(args.out, "papers.md")
+    command = command_line("papers_benchmark.py", argv)
+    write_report_and_record(lines, record, path, command, time.perf_counter() - start)
+    log(f"report: {path}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import pathlib
 import platform
@@ -320,6 +321,17 @@ def machine_line() -> str:
 def record_lines(command: str) -> list[str]:
     """A report's closing lines: the command that wrote it and the machine it ran on."""
     return [f"Command: `{command}`  ", f"Machine: {machine_line()}  "]
+
+
+def write_report_and_record(
+    lines: list[str], record: Any, path: str, command: str, elapsed: float
+) -> None:
+    """The report ``path`` (``.md``: the lines, the elapsed time, the command and the
+    machine) and its record beside it (``.json``)."""
+    lines = [*lines, "", f"Elapsed: {elapsed:.0f} s  ", *record_lines(command)]
+    write_report("\n".join(lines) + "\n", path)
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(record, f, indent=1)
 
 
 def write_report(report: str, path: str) -> None:
