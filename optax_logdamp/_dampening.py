@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, NamedTuple
 
 import chex
@@ -17,7 +18,7 @@ from optax_logdamp._log1p_kernel import (
     MIN_SCALE,
     dampen_magnitude,
     linlog_magnitude,
-    nearest_power_of_two,
+    power_of_two,
     with_sign_of,
 )
 from optax_logdamp._numerics import sum_of_squares
@@ -91,30 +92,33 @@ def dampen(g: jax.Array, scale: chex.Numeric = 1.0) -> jax.Array:
     return dampen_unchecked(g, scale)
 
 
-def dampen_unchecked(
-    g: jax.Array, scale: chex.Numeric, power_of_two: bool = False, linlog: bool = False
-) -> jax.Array:
-    """:func:`dampen` without the check of ``scale``, on either curve.
+def dampen_unchecked(g: jax.Array, scale: chex.Numeric) -> jax.Array:
+    """:func:`dampen` without the check of ``scale``."""
+    return _map_magnitude(g, lambda m: dampen_magnitude(m, _cast_scale(scale, m.dtype)))
 
-    ``linlog``: the identity up to the knee and ``s (1 + log(|g| / s))`` above it (the
-    automatic knee's curve), instead of ``s log1p(|g| / s)``. ``power_of_two``: ``scale``
-    is known to be a power of two (see :func:`dampen_magnitude`).
+
+def dampen_above_knee(g: jax.Array, exponent: jax.Array) -> jax.Array:
+    """The automatic knee's curve at the knee ``2**exponent``: the identity up to it,
+    ``s (1 + log(|g| / s))`` above it (:func:`linlog_magnitude`)."""
+    return _map_magnitude(g, lambda m: linlog_magnitude(m, exponent))
+
+
+def _map_magnitude(g: jax.Array, magnitude_map: Any) -> jax.Array:
+    """``g`` with its magnitude mapped: the sign (phase, for complex) kept.
+
+    Half-precision inputs are computed in float32 and rounded once.
     """
-    magnitude_map = linlog_magnitude if linlog else dampen_magnitude
     g = jnp.asarray(g)
     if jnp.issubdtype(g.dtype, jnp.complexfloating):
         magnitude = jnp.abs(g)
-        scale = _cast_scale(scale, magnitude.dtype)
-        damped = magnitude_map(magnitude, scale, power_of_two=power_of_two)
+        damped = magnitude_map(magnitude)
         # g * (damped / |g|) keeps the phase; at g == 0 the factor is taken as 1.
         factor = jnp.where(magnitude > 0, damped / jnp.where(magnitude > 0, magnitude, 1), 1)
         out = g * factor.astype(g.dtype)
     elif jnp.issubdtype(g.dtype, jnp.floating):
         compute_dtype = jnp.float64 if g.dtype == jnp.float64 else jnp.float32
         wide = g.astype(compute_dtype)
-        scale = _cast_scale(scale, compute_dtype)
-        damped = magnitude_map(jnp.abs(wide), scale, power_of_two=power_of_two)
-        out = with_sign_of(damped, wide).astype(g.dtype)
+        out = with_sign_of(magnitude_map(jnp.abs(wide)), wide).astype(g.dtype)
     else:
         raise TypeError(
             f"log_dampen expects floating-point or complex updates, got dtype {g.dtype}."
@@ -134,7 +138,8 @@ class LogDampenState(NamedTuple):
       count: int32 per tensor: steps folded into ``log_mean_square`` (steps where the
         tensor's updates were all zero or not finite are not).
       log_mean_square: float32 per tensor: the exponential moving average of
-        ``log(mean(g**2))`` of its updates (not bias-corrected).
+        ``log(mean(g**2))`` of its updates, bias-corrected (the mean of the steps
+        folded so far, each weighted as in Adam's moments).
     """
 
     # Documented under Attributes: above (@document_fields makes each entry the field's
@@ -161,11 +166,13 @@ def log_dampen(scale: chex.Numeric | Literal["auto"] = 1.0) -> optax.GradientTra
     step the knee
 
     .. math::
-      s_T = \operatorname{pow2}\!\left(3 \exp\frac{\lambda_T}{2 (1 - \beta^{t-1})}\right),
+      s_T = \operatorname{pow2}\!\left(3 \exp\frac{\lambda_T}{2}\right),
       \qquad
-      \lambda_T \leftarrow \beta \lambda_T + (1 - \beta) \log \operatorname{mean}_T(g^2),
+      \lambda_T \leftarrow \lambda_T + \frac{1 - \beta}{1 - \beta^{t}}
+        \left(\log \operatorname{mean}_T(g^2) - \lambda_T\right),
 
-    three times its running geometric-mean RMS (:math:`\beta = 0.999`), rounded to a
+    three times its running geometric-mean RMS (:math:`\lambda_T` from the steps before,
+    bias-corrected, :math:`\beta = 0.999`), rounded to a
     power of two, and the curve is the identity up to the knee and logarithmic above
     it, :math:`s (1 + \log(|g| / s))`: ordinary elements pass unchanged, and a tensor's
     updates pass unchanged until it has a scale. Dtypes, accuracy, the knee's details:
@@ -213,7 +220,7 @@ def log_dampen(scale: chex.Numeric | Literal["auto"] = 1.0) -> optax.GradientTra
 
 
 def _mean_square(g: jax.Array) -> jax.Array:
-    """The mean of ``|g|**2``, as float32 (ALRC's per-tensor sum of squares, averaged)."""
+    """The mean of ``|g|**2``, as float32."""
     return (sum_of_squares(g) / max(g.size, 1)).astype(jnp.float32)
 
 
@@ -237,8 +244,17 @@ def _log_dampen_auto() -> optax.GradientTransformation:
             "leaves only)",
         )
         check_inexact_leaves("log_dampen", updates)
-        log_steps = jax.tree.map(lambda g: jnp.log(_mean_square(g)), updates)
-        return dampen_at_knees(updates, state, log_steps)
+        leaves, treedef = jax.tree.flatten(updates)
+        counts = treedef.flatten_up_to(state.count)
+        log_mean_squares = treedef.flatten_up_to(state.log_mean_square)
+        damped, count, log_mean_square = zip(
+            *map_leaves(_dampen_and_fold, leaves, counts, log_mean_squares), strict=True
+        )
+        new_state = LogDampenState(
+            count=treedef.unflatten(count), log_mean_square=treedef.unflatten(log_mean_square)
+        )
+        chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+        return treedef.unflatten(damped), new_state
 
     return optax.GradientTransformation(init_knees, update_fn)
 
@@ -251,55 +267,44 @@ def init_knees(params: Any) -> LogDampenState:
     )
 
 
-def auto_knee(count: jax.Array, log_mean_square: jax.Array) -> jax.Array:
-    """A tensor's knee: :data:`AUTO_MULTIPLE` x its running geometric-mean RMS, a power of two.
+def knee_exponent(log_mean_square: jax.Array) -> jax.Array:
+    """A tensor's knee as a power of two: the int32 ``k`` of ``2**k`` nearest (on a log
+    scale) to :data:`AUTO_MULTIPLE` x its running geometric-mean RMS, in ``[-66, 66]``.
 
-    ``count`` and ``log_mean_square`` are the tensor's entries of a
-    :class:`LogDampenState` (the moving average is bias-corrected here).
+    ``log_mean_square`` is the tensor's entry of a :class:`LogDampenState`. Only cheap
+    operations: XLA computes the knee inside the kernels that use it, not in a kernel
+    of its own per tensor.
     """
-    decay = jnp.float32(AUTO_DECAY)
-    log_rms = 0.5 * log_mean_square / (1 - lax.pow(decay, jnp.maximum(count, 1)))
-    return nearest_power_of_two(AUTO_MULTIPLE * jnp.exp(log_rms))
+    log2_knee = (0.5 * log_mean_square + math.log(AUTO_MULTIPLE)) * (1 / math.log(2.0))
+    return jnp.clip(jnp.floor(log2_knee + 0.5), -66, 66).astype(jnp.int32)
 
 
-def dampen_at_knees(
-    updates: Any,
-    state: LogDampenState,
-    log_steps: Any,
-) -> tuple[Any, LogDampenState]:
-    """Dampens each tensor above its knee, then folds the step's ``log(mean(g**2))`` in.
+def auto_knee(log_mean_square: jax.Array) -> jax.Array:
+    """A tensor's knee, ``2.0 ** knee_exponent(log_mean_square)``, as float32."""
+    return power_of_two(knee_exponent(log_mean_square))
 
-    The knee is :data:`AUTO_MULTIPLE` x the tensor's running geometric-mean RMS (from ``state``,
-    before this step), rounded to a power of two; a tensor with no step folded in yet
-    passes unchanged. ``log_steps`` holds, per tensor, the log mean square of this
-    step's updates; a non-finite one (all-zero or non-finite updates) is not folded.
-    The knee and the dampening are traced once per group of small tensors
-    (:func:`optax_logdamp._grouping.map_leaves`); the fold stays tensor by tensor, with
-    the reduction it follows (XLA's float32 ``log`` can differ by an ulp between a
-    reduction's fusion and a loop's, and the state is bitwise that of the ungrouped path).
+
+def _dampen_and_fold(
+    g: jax.Array, count: jax.Array, log_mean_square: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One tensor's step: dampened above its knee, then its ``log(mean(g**2))`` folded in.
+
+    The knee comes from the state before this step; a tensor with no step folded in yet
+    passes unchanged. A step whose log mean square is not finite (all-zero or
+    non-finite updates) is not folded.
     """
+    damped = jnp.where(count > 0, dampen_above_knee(g, knee_exponent(log_mean_square)), g)
+    mean_square = _mean_square(g)
+    # log(mean_square) is finite: tested on mean_square itself, so that the log is
+    # computed only where it is folded (one kernel fewer per tensor to compile).
+    ok = (mean_square > 0) & (mean_square < jnp.inf)
+    new_count = optax.safe_increment(count)
+    # The bias-corrected average, exact from the first step (weight 1 then).
     decay = jnp.float32(AUTO_DECAY)
-
-    def dampen_leaf(g, count, log_mean_square):
-        knee = auto_knee(count, log_mean_square)
-        damped = dampen_unchecked(g, knee, power_of_two=True, linlog=True)
-        return jnp.where(count > 0, damped, g)  # no scale yet: unchanged
-
-    def fold(log_step, count, log_mean_square):
-        ok = jnp.isfinite(log_step)  # all-zero (log 0) or non-finite updates: skipped
-        new = decay * log_mean_square + (1 - decay) * log_step
-        return (
-            jnp.where(ok, optax.safe_increment(count), count),
-            jnp.where(ok, new, log_mean_square),
-        )
-
-    leaves, treedef = jax.tree.flatten(updates)
-    counts = treedef.flatten_up_to(state.count)
-    log_mean_squares = treedef.flatten_up_to(state.log_mean_square)
-    damped = treedef.unflatten(map_leaves(dampen_leaf, leaves, counts, log_mean_squares))
-    folded = jax.tree.map(fold, log_steps, state.count, state.log_mean_square)
-    count = jax.tree.map(lambda _, pair: pair[0], updates, folded)
-    log_mean_square = jax.tree.map(lambda _, pair: pair[1], updates, folded)
-    new_state = LogDampenState(count=count, log_mean_square=log_mean_square)
-    chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
-    return damped, new_state
+    weight = (1 - decay) / (1 - lax.pow(decay, new_count))
+    folded = log_mean_square + weight * (jnp.log(mean_square) - log_mean_square)
+    return (
+        damped,
+        jnp.where(ok, new_count, count),
+        jnp.where(ok, folded, log_mean_square),
+    )

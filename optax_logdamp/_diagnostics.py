@@ -118,7 +118,7 @@ def _dampening_diagnostics(opt_state: Any, grads: Any) -> dict[str, jax.Array]:
     log_mean_squares = treedef.flatten_up_to(state.log_mean_square)
     bent, total, tensors = jnp.zeros([], jnp.float32), 0, jnp.zeros([], jnp.int32)
     for g, count, log_mean_square in zip(leaves, counts, log_mean_squares, strict=True):
-        knee = auto_knee(count, log_mean_square)
+        knee = auto_knee(log_mean_square)
         above = jnp.sum(jnp.abs(g) > knee.astype(jnp.result_type(g)), dtype=jnp.int32)
         above = jnp.where(count > 0, above, 0)  # no knee yet: passed unchanged
         bent = bent + above.astype(jnp.float32)

@@ -30,6 +30,7 @@ path (``tests/test_grouping.py``); the norm's sum runs in another order.
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,6 +40,10 @@ from jax import lax
 
 GROUP_SIZE = 16
 """The most tensors one ``lax.map`` covers (measured best of 4, 8, 16 and 32)."""
+
+MIN_GROUP_SIZE = 4
+"""The fewest tensors of one kind that are grouped: a ``lax.map`` over two or three
+compiles more slowly than their separate kernels."""
 
 MAX_GROUPED_SIZE = 2**16
 """The largest tensor (in elements) that is grouped; a larger one keeps its fused kernel."""
@@ -69,8 +74,9 @@ def _kind(x: jax.Array) -> tuple[Any, ...]:
 def groups_of(leaves: Sequence[jax.Array]) -> list[list[int]]:
     """Indices of ``leaves`` in groups: small tensors of one kind together, in order.
 
-    Every leaf is in exactly one group; a group of small tensors of one kind holds at
-    most :data:`GROUP_SIZE` of them, and any other leaf is a group of its own.
+    Every leaf is in exactly one group; a group of small tensors of one kind holds from
+    :data:`MIN_GROUP_SIZE` to :data:`GROUP_SIZE` of them, and any other leaf is a group of
+    its own.
     """
     by_kind: dict[Any, list[int]] = collections.defaultdict(list)
     groups: list[list[int]] = []
@@ -80,20 +86,24 @@ def groups_of(leaves: Sequence[jax.Array]) -> list[list[int]]:
         else:
             groups.append([index])
     for indices in by_kind.values():
-        groups.extend(
-            indices[start : start + GROUP_SIZE] for start in range(0, len(indices), GROUP_SIZE)
-        )
+        if len(indices) < MIN_GROUP_SIZE:
+            groups.extend([index] for index in indices)
+            continue
+        # Split evenly, so that no group is left below MIN_GROUP_SIZE.
+        count = -(-len(indices) // GROUP_SIZE)
+        bounds = [len(indices) * i // count for i in range(count + 1)]
+        groups.extend(indices[a:b] for a, b in itertools.pairwise(bounds))
     return groups
 
 
-def map_leaves(fn: Callable[..., jax.Array], *columns: Sequence[jax.Array]) -> list[jax.Array]:
+def map_leaves(fn: Callable[..., Any], *columns: Sequence[jax.Array]) -> list[Any]:
     """``[fn(*row) for row in zip(*columns)]``, with ``fn`` traced once per group.
 
     ``columns[0]`` are the tensors (they choose the groups, :func:`groups_of`); each other
     column holds one array per tensor (a knee's scalars, say) that ``fn`` takes along.
-    ``fn`` maps a tensor to an array of its shape, element by element, so that mapping it
-    over a stack gives each tensor its own result. (A reduction inside ``fn`` could sum in
-    another order than on the tensor alone: the callers reduce outside.)
+    ``fn`` returns an array or a tuple of arrays per tensor. Element by element the
+    result is that of the tensor alone; a reduction inside ``fn`` may sum in another
+    order (to within rounding).
     """
     tensors = columns[0]
     out: list[Any] = [None] * len(tensors)
@@ -106,5 +116,5 @@ def map_leaves(fn: Callable[..., jax.Array], *columns: Sequence[jax.Array]) -> l
         stacked = tuple(jnp.stack([column[i] for i in group]) for column in columns)
         mapped = lax.map(lambda row: fn(*row), stacked)
         for position, index in enumerate(group):
-            out[index] = mapped[position]
+            out[index] = jax.tree.map(lambda x, p=position: x[p], mapped)
     return out

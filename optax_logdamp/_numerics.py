@@ -31,19 +31,27 @@ def sum_of_squares(g: jax.Array) -> jax.Array:
 def global_norm(updates: Any) -> jax.Array:
     """The L2 norm of every element of ``updates`` (of the modulus for complex), float32.
 
-    Sums of squares are taken by :func:`sum_of_squares`, one per group of small tensors
-    of one kind where :func:`~optax_logdamp._grouping.enabled` (one reduction over the
-    group's stack, which XLA fuses: a model of hundreds of tensors compiles a few dozen
-    reductions instead of hundreds), else one per tensor.
+    Sums of squares are taken by :func:`sum_of_squares`. Where
+    :func:`~optax_logdamp._grouping.enabled` (one CPU device), the small tensors are
+    flattened into one vector and reduced at once: one reduction to compile instead of
+    one per tensor; large tensors keep their own.
     """
     leaves = jax.tree.leaves(updates)
     if not grouping.enabled():
         return norm_of_sums([sum_of_squares(g) for g in leaves])
-    sums = []
-    for group in grouping.groups_of(leaves):
-        members = [leaves[i] for i in group]
-        sums.append(sum_of_squares(members[0] if len(group) == 1 else jnp.stack(members)))
+    small = [g for g in leaves if g.size <= grouping.MAX_GROUPED_SIZE]
+    sums = [sum_of_squares(g) for g in leaves if g.size > grouping.MAX_GROUPED_SIZE]
+    if small:
+        sums.append(sum_of_squares(jnp.concatenate([_flat_float(g) for g in small])))
     return norm_of_sums(sums)
+
+
+def _flat_float(g: jax.Array) -> jax.Array:
+    """``|g|`` (for complex) or ``g``, flattened, widened to float32 (float64 stays)."""
+    g = jnp.asarray(g)
+    if jnp.issubdtype(g.dtype, jnp.complexfloating):
+        g = jnp.abs(g)
+    return g.astype(jnp.promote_types(g.dtype, jnp.float32)).ravel()
 
 
 def norm_of_sums(sums: list[jax.Array]) -> jax.Array:

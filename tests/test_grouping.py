@@ -1,8 +1,9 @@
 """Tests of the grouped kernel: small tensors of one kind share one ``lax.map``.
 
 Grouping changes what XLA compiles, not the arithmetic: every transform that dampens
-(numeric and automatic knees, ``logadam``) gives bitwise the results of the
-tensor-by-tensor path, which ``GROUP_SIZE = 1`` restores.
+(numeric and automatic knees, ``logadam``) gives bitwise the updates of the
+tensor-by-tensor path, which ``GROUP_SIZE = 1`` restores; the automatic knee's running
+statistics, whose sums of squares may add in another order, agree to float32 rounding.
 """
 
 import functools
@@ -26,7 +27,7 @@ def grouping_on(monkeypatch):
 
 
 def make_tree(dtype=jnp.float32):
-    """37 tensors of shape (8, 16) (groups of 16, 16, 5), 3 of shape (5,), a scalar,
+    """37 tensors of shape (8, 16) (groups of 12, 12, 13), 3 of shape (5,), a scalar,
     one large tensor (never grouped), one empty and one of another dtype."""
     tree = {f"w{i:02d}": jnp.zeros((8, 16), dtype) for i in range(37)}
     tree.update({f"b{i}": jnp.zeros((5,), dtype) for i in range(3)})
@@ -64,6 +65,17 @@ def run(tx, tree, num_steps=5):
     return jax.device_get((outputs, state))
 
 
+def assert_same_run(grouped, alone):
+    """The updates bitwise; the automatic knee's statistics to float32 rounding."""
+    (updates_a, state_a), (updates_b, state_b) = grouped, alone
+    assert_bitwise(updates_a, updates_b)
+    for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
+        if np.asarray(x).dtype == np.int32:
+            np.testing.assert_array_equal(x, y)
+        else:
+            np.testing.assert_allclose(x, y, rtol=1e-6)
+
+
 def assert_bitwise(a, b):
     """Equal bit for bit, NaN included, leaf by leaf."""
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
@@ -90,7 +102,7 @@ def test_grouped_is_bitwise_the_tensor_by_tensor_path(name, monkeypatch):
     tree = make_tree()
     grouped = run(TRANSFORMS[name](), tree)
     monkeypatch.setattr(grouping, "GROUP_SIZE", 1)
-    assert_bitwise(grouped, run(TRANSFORMS[name](), tree))
+    assert_same_run(grouped, run(TRANSFORMS[name](), tree))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.complex64], ids=str)
@@ -99,7 +111,7 @@ def test_grouped_is_bitwise_for_other_dtypes(dtype, scale, monkeypatch):
     tree = make_tree(dtype)
     grouped = run(log_dampen(scale), tree, num_steps=3)
     monkeypatch.setattr(grouping, "GROUP_SIZE", 1)
-    assert_bitwise(grouped, run(log_dampen(scale), tree, num_steps=3))
+    assert_same_run(grouped, run(log_dampen(scale), tree, num_steps=3))
 
 
 def test_grouped_is_bitwise_for_float64():
@@ -108,7 +120,7 @@ def test_grouped_is_bitwise_for_float64():
         grouped = run(log_dampen("auto"), tree, num_steps=3)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(grouping, "GROUP_SIZE", 1)
-            assert_bitwise(grouped, run(log_dampen("auto"), tree, num_steps=3))
+            assert_same_run(grouped, run(log_dampen("auto"), tree, num_steps=3))
 
 
 def test_groups_partition_the_leaves_by_kind_and_size():
@@ -116,8 +128,9 @@ def test_groups_partition_the_leaves_by_kind_and_size():
     groups = grouping.groups_of(leaves)
     assert sorted(i for group in groups for i in group) == list(range(len(leaves)))
     sizes = sorted(len(group) for group in groups)
-    # (8, 16): 16 + 16 + 5; (5,): 3; scalar, large, empty, bfloat16: alone.
-    assert sizes == [1, 1, 1, 1, 3, 5, 16, 16]
+    # (8, 16): 37 in 3 even groups; (5,): 3, too few to group; scalar, large, empty,
+    # bfloat16: alone.
+    assert sizes == [1, 1, 1, 1, 1, 1, 1, 12, 12, 13]
     for group in groups:
         kinds = {(leaves[i].shape, leaves[i].dtype) for i in group}
         assert len(kinds) == 1
@@ -134,8 +147,8 @@ def count_loops(tx, tree, grads=None):
 
 def test_the_kernel_is_traced_once_per_group(monkeypatch):
     tree = make_tree()
-    assert count_loops(log_dampen(), tree) == 4  # (8, 16) x 3 groups, (5,) x 1
-    assert count_loops(log_dampen("auto"), tree) == 4
+    assert count_loops(log_dampen(), tree) == 3  # (8, 16) x 3 groups
+    assert count_loops(log_dampen("auto"), tree) == 3
     monkeypatch.setattr(grouping, "GROUP_SIZE", 1)
     assert count_loops(log_dampen("auto"), tree) == 0
 
@@ -167,7 +180,7 @@ def test_grouping_is_exact_on_sharded_tensors(axis_type, monkeypatch):
     layouts, so every update keeps its tensor's sharding."""
     specs = {f"r{i}": P("x", None) for i in range(4)}
     specs.update({f"c{i}": P(None, "x") for i in range(4)})
-    specs.update({f"p{i}": P() for i in range(3)})
+    specs.update({f"p{i}": P() for i in range(4)})
     tree = {key: jnp.zeros((16, 8)) for key in specs}
     mesh = jax.make_mesh((8,), ("x",), axis_types=(axis_type,))
     shardings = {key: NamedSharding(mesh, spec) for key, spec in specs.items()}
@@ -209,9 +222,9 @@ def test_grouping_works_under_vmap():
         assert_bitwise(jax.tree.map(lambda u, k=k: u[k], updates), single)
 
 
-def test_the_global_norm_is_one_reduction_per_group():
-    """Grouped, the gradient norm of many small tensors is a few reductions, and equals
-    the float64 norm to float32 rounding."""
+def test_the_global_norm_of_small_tensors_is_one_reduction():
+    """Grouped, the gradient norm of many small tensors is one reduction (and one for the
+    large tensor), and equals the float64 norm to float32 rounding."""
     from optax_logdamp._numerics import global_norm
 
     tree = make_tree()
@@ -219,6 +232,6 @@ def test_the_global_norm_is_one_reduction_per_group():
     grads = {k: v for k, v in grads.items() if jnp.all(jnp.isfinite(v))}
     assert len(grads) >= 40
     hlo = jax.jit(global_norm).lower(grads).as_text()
-    assert hlo.count("stablehlo.reduce") <= 10  # 3 groups of (8, 16), 1 of (5,), 4 alone
+    assert hlo.count("stablehlo.reduce") == 2
     exact = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads.values()))
     np.testing.assert_allclose(global_norm(grads), exact, rtol=1e-6)
