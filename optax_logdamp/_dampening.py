@@ -98,8 +98,10 @@ def dampen_unchecked(g: jax.Array, scale: chex.Numeric) -> jax.Array:
 
 
 def dampen_above_knee(g: jax.Array, exponent: jax.Array) -> jax.Array:
-    """The automatic knee's curve at the knee ``2**exponent``: the identity up to it,
-    ``s (1 + log(|g| / s))`` above it (:func:`linlog_magnitude`)."""
+    """The automatic knee's curve at the knee ``s = 2**exponent`` (:func:`linlog_magnitude`).
+
+    The identity up to the knee, ``s (1 + log(|g| / s))`` above it; dtypes as :func:`dampen`.
+    """
     return _map_magnitude(g, lambda m: linlog_magnitude(m, exponent))
 
 
@@ -268,8 +270,10 @@ def init_knees(params: Any) -> LogDampenState:
 
 
 def knee_exponent(log_mean_square: jax.Array) -> jax.Array:
-    """A tensor's knee as a power of two: the int32 ``k`` of ``2**k`` nearest (on a log
-    scale) to :data:`AUTO_MULTIPLE` x its running geometric-mean RMS, in ``[-66, 66]``.
+    """A tensor's knee ``2**k``: the int32 ``k`` in ``[-66, 66]``.
+
+    ``2**k`` is the power of two nearest (on a log scale) to :data:`AUTO_MULTIPLE` x the
+    tensor's running geometric-mean RMS.
 
     ``log_mean_square`` is the tensor's entry of a :class:`LogDampenState`. Only cheap
     operations: XLA computes the knee inside the kernels that use it, not in a kernel

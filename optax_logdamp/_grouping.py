@@ -4,27 +4,28 @@ Why this module exists: XLA fuses the dampening kernel into every tensor's Adam 
 updates (it is built for that, see :mod:`optax_logdamp._log1p_kernel`), twice per tensor,
 so a model of a few hundred tensors compiles it a few hundred times; on CPU each copy
 costs milliseconds of compile time, more than Adam's own arithmetic, and the automatic
-knee adds its scalar arithmetic per tensor. Small tensors of one shape, dtype and sharding
-are stacked instead, and one ``lax.map`` over the stack traces and compiles the kernel
-(and the knee) once; the gradient norm takes one reduction per group's stack
+knee adds its statistics per tensor. Where at least :data:`MIN_GROUP_SIZE` small tensors
+share a shape, dtype and sharding they are stacked instead, and one ``lax.map`` over the
+stack traces and compiles the kernel (and the knee's statistics) once; the gradient norm
+of all small tensors is one reduction over their concatenation
 (:func:`optax_logdamp._numerics.global_norm`).
 
 Measured (``benchmarks/results/cost/``, 2 CPU cores): the optimizer step alone at 300
-tensors of (64, 64) compiles in 2.39 s instead of 6.97 s (``logadam``), 4.67 s instead
-of 20.1 s (``logadam(dampen_scale="auto")``) and 2.61 s instead of 4.13 s
-(``spike_guard()`` + Adam); the whole training step of a 12-layer GPT (100 tensors)
-with ``logadam(dampen_scale="auto")`` in 9.7 s instead of 12.8 s. Where few tensors
-share a shape it does not pay: the 2-layer GPT's step compiles up to 15 % slower with it
-(``logadamw``: 1.58 s against 1.37 s).
+tensors of (64, 64) compiles in 2.9 s instead of 8.5 s (``logadam``), 4.4 s instead of
+14.4 s (``logadam(dampen_scale="auto")``) and 2.2 s instead of 4.8 s (``spike_guard()``
++ Adam). Where few tensors share a shape a ``lax.map`` does not pay: over the 2-layer
+GPT's 10 vectors of (96,), its training step with ``logadam(dampen_scale="auto")``
+compiled in 1.80 s against 1.62 s apart (``whole_step.py --per-tensor`` with groups from 4
+tensors, smallest of 3 compiles), hence :data:`MIN_GROUP_SIZE`.
 
 Grouping is on for a single CPU device only (:func:`enabled`), and for tensors of at most
 :data:`MAX_GROUPED_SIZE` elements: there compile time dominates and the stacking copy
 costs nothing measurable, while a large tensor keeps the kernel fused into Adam's moment
-updates, its fastest step. A group holds at most :data:`GROUP_SIZE` tensors: XLA:CPU
+updates, its fastest step. A group holds about :data:`GROUP_SIZE` tensors: XLA:CPU
 compiles a fusion that reads one slice of a stack more slowly the more slices the stack
 has, so a few short stacks compile faster than one long one. The arithmetic per element
 is the same either way: the dampened updates are bitwise those of the tensor-by-tensor
-path (``tests/test_grouping.py``); the norm's sum runs in another order.
+path, the knee's statistics equal to float32 rounding (``tests/test_grouping.py``).
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ from jax import lax
 GROUP_SIZE = 16
 """The most tensors one ``lax.map`` covers (measured best of 4, 8, 16 and 32)."""
 
-MIN_GROUP_SIZE = 4
-"""The fewest tensors of one kind that are grouped: a ``lax.map`` over two or three
-compiles more slowly than their separate kernels."""
+MIN_GROUP_SIZE = 12
+"""The fewest tensors of one kind that are grouped: a ``lax.map`` over fewer compiles
+more slowly than their separate kernels (measured on the LM benchmark's 10 vectors)."""
 
 MAX_GROUPED_SIZE = 2**16
 """The largest tensor (in elements) that is grouped; a larger one keeps its fused kernel."""
@@ -74,9 +75,9 @@ def _kind(x: jax.Array) -> tuple[Any, ...]:
 def groups_of(leaves: Sequence[jax.Array]) -> list[list[int]]:
     """Indices of ``leaves`` in groups: small tensors of one kind together, in order.
 
-    Every leaf is in exactly one group; a group of small tensors of one kind holds from
-    :data:`MIN_GROUP_SIZE` to :data:`GROUP_SIZE` of them, and any other leaf is a group of
-    its own.
+    Every leaf is in exactly one group; a group of small tensors of one kind holds at
+    least :data:`MIN_GROUP_SIZE` of them (about :data:`GROUP_SIZE`, at most
+    ``2 * MIN_GROUP_SIZE - 1``), and any other leaf is a group of its own.
     """
     by_kind: dict[Any, list[int]] = collections.defaultdict(list)
     groups: list[list[int]] = []
@@ -89,8 +90,8 @@ def groups_of(leaves: Sequence[jax.Array]) -> list[list[int]]:
         if len(indices) < MIN_GROUP_SIZE:
             groups.extend([index] for index in indices)
             continue
-        # Split evenly, so that no group is left below MIN_GROUP_SIZE.
-        count = -(-len(indices) // GROUP_SIZE)
+        # Groups of about GROUP_SIZE, split evenly, none below MIN_GROUP_SIZE.
+        count = min(-(-len(indices) // GROUP_SIZE), len(indices) // MIN_GROUP_SIZE)
         bounds = [len(indices) * i // count for i in range(count + 1)]
         groups.extend(indices[a:b] for a, b in itertools.pairwise(bounds))
     return groups

@@ -13,8 +13,8 @@ scale formed from unrounded parts, so the dampened value is within 2 ulp of the 
 formula for every scale in ``[MIN_SCALE, MAX_SCALE]`` (below 1 ulp for a power of two).
 :func:`linlog_magnitude` is the automatic knee's curve, whose knee is always a power of
 two: the log is read off the exponent bits, so it needs no ratio, no overflow guard and
-no correction terms, about half the operations (and half the compile time) of the
-general path. :func:`with_sign_of` puts the sign back; the rest are their parts.
+no correction terms: 50 operations per element, against 95 for the post's curve at a
+traced scale (62 at scale 1). :func:`with_sign_of` puts the sign back; the rest are their parts.
 """
 
 from __future__ import annotations
