@@ -14,10 +14,13 @@ Models: the LM benchmark's byte-level GPT (2 layers, width 96, 19 tensors) and a
 12-layer GPT written layer by layer (width 256, 8 heads, 100 tensors, 9.5M parameters,
 not scanned: every tensor a leaf of its own, as most Flax and Equinox models keep them).
 Batch 16 x 64 bytes. All steps of one model are compiled in one process, alternating
-the two sides of every pair, ``--repeats`` times; a compile time is the smallest of its
-repeats (the least disturbed). Steady steps: the contenders take turns, one step each,
-for ``--steps`` rounds after a warm-up; the time is the median, and the ratio is also
-given paired (the median over rounds of with / without in the same round).
+the two sides of every pair, ``--repeats`` times (5); a compile time is the smallest of
+its repeats (the least disturbed), and the compile ratio is also given paired (the median
+over repeats of with / without in the same repeat: the same compile varies by about 10 %
+from one repeat to the next on a 2-core machine). Steady steps: the contenders take
+turns, one step each, for ``--steps`` rounds after a warm-up; the time is the median,
+and the ratio is also given paired (the median over rounds of with / without in the
+same round).
 
 Targets: ``spike_guard()`` compile at most 1.15x, step at most 1.03x; ``logadam(auto)``
 and ``logadamw`` compile at most 1.5x, step at most 1.03x.
