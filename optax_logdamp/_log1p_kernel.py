@@ -86,6 +86,22 @@ def _pow2_biased(biased_exponent: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(biased_exponent << 23, jnp.float32)
 
 
+def _split_exponent(u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(k + 127, m)`` with ``u = 2**k * m``, ``m`` in ``[sqrt(1/2), sqrt(2))``, for float32
+    ``u > 0`` normal: the biased exponent (int32) and the mantissa, from the bits."""
+    shifted = lax.bitcast_convert_type(u, jnp.int32) + (_ONE_BITS - _SQRT_HALF_BITS)
+    m = lax.bitcast_convert_type((shifted & 0x007FFFFF) + _SQRT_HALF_BITS, jnp.float32)
+    return shifted >> 23, m
+
+
+def _log_cubic(f: jax.Array, z: jax.Array) -> jax.Array:
+    """``f**3 * P(f)`` (``z = f**2``), Cephes' ``log(1 + f) = f - f**2 / 2 + f**3 P(f)``."""
+    poly = jnp.full_like(f, _LOG_POLY[0])
+    for coefficient in _LOG_POLY[1:]:
+        poly = poly * f + coefficient
+    return poly * f * z
+
+
 def _log1p_f32(x: jax.Array, take_log: jax.Array | None = None) -> _Log1p:
     """``log1p(x)`` for float32 ``x >= 0`` (``log(x)`` where ``take_log``), cheap ops only.
 
@@ -106,9 +122,7 @@ def _log1p_f32(x: jax.Array, take_log: jax.Array | None = None) -> _Log1p:
       The parts of ``log1p(x)``.
     """
     u = x + 1.0 if take_log is None else jnp.where(take_log, x, x + 1.0)
-    shifted = lax.bitcast_convert_type(u, jnp.int32) + (_ONE_BITS - _SQRT_HALF_BITS)
-    biased_k = shifted >> 23  # k + 127
-    m = lax.bitcast_convert_type((shifted & 0x007FFFFF) + _SQRT_HALF_BITS, jnp.float32)
+    biased_k, m = _split_exponent(u)  # u = 2**k * m, biased_k = k + 127
     f = m - 1.0
     # c * 2**-k = x * 2**-k - (m - 2**-k), both subtractions exact for 0 <= k <= 23
     # (XLA's simplifier rewrites (x + 1) - 1 to x, so c is not computed from u).
@@ -120,11 +134,8 @@ def _log1p_f32(x: jax.Array, take_log: jax.Array | None = None) -> _Log1p:
         use_c = use_c & ~take_log
     correction = jnp.where(use_c, scaled_c * inv_m, 0.0)  # c / u
     z = f * f
-    poly = jnp.full_like(f, _LOG_POLY[0])
-    for coefficient in _LOG_POLY[1:]:
-        poly = poly * f + coefficient
     k_float = (biased_k - 127).astype(jnp.float32)
-    y = poly * f * z + (k_float * _LN2_LO + correction) - 0.5 * z
+    y = _log_cubic(f, z) + (k_float * _LN2_LO + correction) - 0.5 * z
     # Where k == 0, f + c == x exactly, so log1p(x) - x == y - c.
     return _Log1p(f=f, y=y, k_ln2=k_float * _LN2_HI, delta=y - scaled_c)
 
@@ -317,15 +328,11 @@ def linlog_magnitude(magnitude: jax.Array, exponent: jax.Array) -> jax.Array:
         )
         out = jnp.minimum(scale * (1.0 + log_ratio), magnitude)
     else:
-        shifted = lax.bitcast_convert_type(magnitude, jnp.int32) + (_ONE_BITS - _SQRT_HALF_BITS)
-        mantissa = lax.bitcast_convert_type((shifted & 0x007FFFFF) + _SQRT_HALF_BITS, jnp.float32)
+        biased_e, mantissa = _split_exponent(magnitude)  # m = 2**e * M
         f = mantissa - 1.0  # exact
         z = f * f
-        poly = jnp.full_like(f, _LOG_POLY[0])
-        for coefficient in _LOG_POLY[1:]:
-            poly = poly * f + coefficient
-        y = poly * f * z - 0.5 * z  # log(M) = f + y
-        j = ((shifted >> 23) - 127 - exponent).astype(jnp.float32)  # >= 0 above the knee
+        y = _log_cubic(f, z) - 0.5 * z  # log(M) = f + y
+        j = (biased_e - 127 - exponent).astype(jnp.float32)  # >= 0 above the knee
         # 1 + j * LN2_HI is exact (j < 256), so the sum rounds about once.
         log_part = (1.0 + j * _LN2_HI) + (f + (y + j * _LN2_LO))
         out = jnp.minimum(scale * log_part, magnitude)  # |out| <= |g| after rounding

@@ -42,16 +42,9 @@ def global_norm(updates: Any) -> jax.Array:
     small = [g for g in leaves if g.size <= grouping.MAX_GROUPED_SIZE]
     sums = [sum_of_squares(g) for g in leaves if g.size > grouping.MAX_GROUPED_SIZE]
     if small:
-        sums.append(sum_of_squares(jnp.concatenate([_flat_float(g) for g in small])))
+        # Concatenation promotes to the widest dtype; sum_of_squares widens from there.
+        sums.append(sum_of_squares(jnp.concatenate([jnp.ravel(g) for g in small])))
     return norm_of_sums(sums)
-
-
-def _flat_float(g: jax.Array) -> jax.Array:
-    """``|g|`` (for complex) or ``g``, flattened, widened to float32 (float64 stays)."""
-    g = jnp.asarray(g)
-    if jnp.issubdtype(g.dtype, jnp.complexfloating):
-        g = jnp.abs(g)
-    return g.astype(jnp.promote_types(g.dtype, jnp.float32)).ravel()
 
 
 def norm_of_sums(sums: list[jax.Array]) -> jax.Array:
