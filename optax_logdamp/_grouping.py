@@ -109,6 +109,8 @@ def map_leaves(fn: Callable[..., Any], *columns: Sequence[jax.Array]) -> list[An
     tensors = columns[0]
     out: list[Any] = [None] * len(tensors)
     groups = groups_of(tensors) if enabled() else [[i] for i in range(len(tensors))]
+    # Traced and lowered once per kind of tensor (shape and dtype), not once per tensor.
+    fn = jax.jit(fn)
     for group in groups:
         if len(group) == 1:
             (index,) = group
