@@ -8,6 +8,7 @@ from typing import Any, Literal, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -130,18 +131,21 @@ def _map_magnitude(g: jax.Array, magnitude_map: Any) -> jax.Array:
     return out
 
 
+NO_STATISTIC = float(np.finfo(np.float32).max)
+"""A tensor's ``log_mean_square`` before its first folded step: it has no knee yet."""
+
+
 @document_fields
 class LogDampenState(NamedTuple):
-    """State of ``log_dampen(scale="auto")``: the running scale of each tensor's updates.
-
-    Both fields have the tree structure of the updates, one scalar per leaf (tensor).
+    """State of ``log_dampen(scale="auto")``: the step count and each tensor's running scale.
 
     Attributes:
-      count: int32 per tensor: steps folded into ``log_mean_square`` (steps where the
-        tensor's updates were all zero or not finite are not).
-      log_mean_square: float32 per tensor: the exponential moving average of
-        ``log(mean(g**2))`` of its updates, bias-corrected (the mean of the steps
-        folded so far, each weighted as in Adam's moments).
+      count: int32: the steps taken, as in optax's states; it bias-corrects the average.
+      log_mean_square: float32 per tensor, with the tree structure of the updates: the
+        exponential moving average of ``log(mean(g**2))`` of its updates, bias-corrected
+        as Adam's moments are. Steps where the tensor's updates are all zero or not
+        finite are not folded in; until its first folded step it is :data:`NO_STATISTIC`
+        (the largest float32) and the tensor's updates pass unchanged.
     """
 
     # Documented under Attributes: above (@document_fields makes each entry the field's
@@ -164,7 +168,7 @@ def log_dampen(scale: chex.Numeric | Literal["auto"] = 1.0) -> optax.GradientTra
     spike is compressed, its direction kept; NaN stays NaN.
 
     With ``scale="auto"`` the knee follows each tensor's own scale, so it works whatever
-    the units of the gradient: each tensor :math:`T` (leaf) gets at its :math:`t`-th
+    the units of the gradient: each tensor :math:`T` (leaf) gets at the :math:`t`-th
     step the knee
 
     .. math::
@@ -177,7 +181,8 @@ def log_dampen(scale: chex.Numeric | Literal["auto"] = 1.0) -> optax.GradientTra
     bias-corrected, :math:`\beta = 0.999`), rounded to a
     power of two, and the curve is the identity up to the knee and logarithmic above
     it, :math:`s (1 + \log(|g| / s))`: ordinary elements pass unchanged, and a tensor's
-    updates pass unchanged until it has a scale. Dtypes, accuracy, the knee's details:
+    updates pass unchanged until it has a scale (its first step of finite, not all-zero
+    updates, which sets :math:`\lambda_T`). Dtypes, accuracy, the knee's details:
     :doc:`the log-dampening guide </guide/log_dampen>`.
 
     Args:
@@ -239,22 +244,24 @@ def _log_dampen_auto() -> optax.GradientTransformation:
             _AUTO,
             "updates",
             updates,
-            "state.count",
-            state.count,
+            "state.log_mean_square",
+            state.log_mean_square,
             problem="the state was initialised for a tree of another structure",
             fix="init with the tree the updates have (tx.init(params), params the trainable "
             "leaves only)",
         )
         check_inexact_leaves("log_dampen", updates)
         leaves, treedef = jax.tree.flatten(updates)
-        counts = treedef.flatten_up_to(state.count)
         log_mean_squares = treedef.flatten_up_to(state.log_mean_square)
-        damped, count, log_mean_square = zip(
-            *map_leaves(_dampen_and_fold, leaves, counts, log_mean_squares), strict=True
+        count = optax.safe_increment(state.count)
+        # The bias-corrected average: each step weighted as in Adam's moments.
+        decay = jnp.float32(AUTO_DECAY)
+        weight = (1 - decay) / (1 - lax.pow(decay, count))
+        damped, log_mean_square = zip(
+            *map_leaves(lambda g, lms: _dampen_and_fold(g, lms, weight), leaves, log_mean_squares),
+            strict=True,
         )
-        new_state = LogDampenState(
-            count=treedef.unflatten(count), log_mean_square=treedef.unflatten(log_mean_square)
-        )
+        new_state = LogDampenState(count=count, log_mean_square=treedef.unflatten(log_mean_square))
         chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
         return treedef.unflatten(damped), new_state
 
@@ -262,11 +269,16 @@ def _log_dampen_auto() -> optax.GradientTransformation:
 
 
 def init_knees(params: Any) -> LogDampenState:
-    """The :class:`LogDampenState` of ``params``: no step folded into any tensor's scale."""
+    """The :class:`LogDampenState` of ``params``: no step taken, no tensor with a knee."""
     return LogDampenState(
-        count=jax.tree.map(lambda _: jnp.zeros([], jnp.int32), params),
-        log_mean_square=jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params),
+        count=jnp.zeros([], jnp.int32),
+        log_mean_square=jax.tree.map(lambda _: jnp.full([], NO_STATISTIC, jnp.float32), params),
     )
+
+
+def has_knee(log_mean_square: jax.Array) -> jax.Array:
+    """Whether a tensor has a knee: a step folded into its ``log_mean_square``."""
+    return log_mean_square != NO_STATISTIC
 
 
 def knee_exponent(log_mean_square: jax.Array) -> jax.Array:
@@ -289,26 +301,21 @@ def auto_knee(log_mean_square: jax.Array) -> jax.Array:
 
 
 def _dampen_and_fold(
-    g: jax.Array, count: jax.Array, log_mean_square: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    g: jax.Array, log_mean_square: jax.Array, weight: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """One tensor's step: dampened above its knee, then its ``log(mean(g**2))`` folded in.
 
-    The knee comes from the state before this step; a tensor with no step folded in yet
-    passes unchanged. A step whose log mean square is not finite (all-zero or
-    non-finite updates) is not folded.
+    The knee comes from the state before this step; a tensor with no knee yet passes
+    unchanged, and its first folded step is taken as is. A step whose log mean square is
+    not finite (all-zero or non-finite updates) is not folded. ``weight`` is this step's
+    weight in the bias-corrected average.
     """
-    damped = jnp.where(count > 0, dampen_above_knee(g, knee_exponent(log_mean_square)), g)
+    known = has_knee(log_mean_square)
+    damped = jnp.where(known, dampen_above_knee(g, knee_exponent(log_mean_square)), g)
     mean_square = _mean_square(g)
     # log(mean_square) is finite: tested on mean_square itself, so that the log is
     # computed only where it is folded (one kernel fewer per tensor to compile).
     ok = (mean_square > 0) & (mean_square < jnp.inf)
-    new_count = optax.safe_increment(count)
-    # The bias-corrected average, exact from the first step (weight 1 then).
-    decay = jnp.float32(AUTO_DECAY)
-    weight = (1 - decay) / (1 - lax.pow(decay, new_count))
-    folded = log_mean_square + weight * (jnp.log(mean_square) - log_mean_square)
-    return (
-        damped,
-        jnp.where(ok, new_count, count),
-        jnp.where(ok, folded, log_mean_square),
-    )
+    log_ms = jnp.log(mean_square)
+    folded = jnp.where(known, log_mean_square + weight * (log_ms - log_mean_square), log_ms)
+    return damped, jnp.where(ok, folded, log_mean_square)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_logdamp._dampening import LogDampenState, auto_knee
+from optax_logdamp._dampening import LogDampenState, auto_knee, has_knee
 from optax_logdamp._statistics import ALRCState, find_alrc_states, signal_of
 from optax_logdamp._validation import is_concrete
 
@@ -114,13 +114,12 @@ def _dampening_diagnostics(opt_state: Any, grads: Any) -> dict[str, jax.Array]:
         return {}
     state = knees[0]
     leaves, treedef = jax.tree.flatten(grads)
-    counts = treedef.flatten_up_to(state.count)
     log_mean_squares = treedef.flatten_up_to(state.log_mean_square)
     bent, total, tensors = jnp.zeros([], jnp.float32), 0, jnp.zeros([], jnp.int32)
-    for g, count, log_mean_square in zip(leaves, counts, log_mean_squares, strict=True):
+    for g, log_mean_square in zip(leaves, log_mean_squares, strict=True):
         knee = auto_knee(log_mean_square)
         above = jnp.sum(jnp.abs(g) > knee.astype(jnp.result_type(g)), dtype=jnp.int32)
-        above = jnp.where(count > 0, above, 0)  # no knee yet: passed unchanged
+        above = jnp.where(has_knee(log_mean_square), above, 0)  # no knee: passed unchanged
         bent = bent + above.astype(jnp.float32)
         tensors = tensors + (above > 0).astype(jnp.int32)
         total += g.size
