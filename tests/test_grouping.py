@@ -153,6 +153,22 @@ def test_the_kernel_is_traced_once_per_group(monkeypatch):
     assert count_loops(log_dampen("auto"), tree) == 0
 
 
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per tensor"])
+def test_each_kind_of_tensor_is_traced_once(grouped, monkeypatch):
+    monkeypatch.setattr(grouping, "enabled", lambda: grouped)
+    traced = []
+
+    def double(g):
+        traced.append(g.shape)
+        return 2 * g
+
+    tensors = [jnp.ones(3)] * 13 + [jnp.ones((2, 2))] * 2  # 13: a group of its own
+    out = jax.jit(lambda ts: grouping.map_leaves(double, ts))(tensors)
+    assert sorted(traced) == [(2, 2), (3,)]  # one trace per shape, not per tensor
+    for g, doubled in zip(tensors, out, strict=True):
+        np.testing.assert_array_equal(doubled, 2 * g)
+
+
 def test_grouping_is_on_for_one_cpu_device_only(monkeypatch):
     monkeypatch.undo()  # the platform's own decision, not the fixture's
     assert jax.device_count() == 8  # this suite's simulated devices
