@@ -144,8 +144,8 @@ class LogDampenState(NamedTuple):
       log_mean_square: float32 per tensor, with the tree structure of the updates: the
         exponential moving average of ``log(mean(g**2))`` of its updates, bias-corrected
         as Adam's moments are. Steps where the tensor's updates are all zero or not
-        finite are not folded in; until its first folded step it is :data:`NO_STATISTIC`
-        (the largest float32) and the tensor's updates pass unchanged.
+        finite are not folded in; until its first folded step it is the largest float32
+        (``np.finfo(np.float32).max``) and the tensor's updates pass unchanged.
     """
 
     # Documented under Attributes: above (@document_fields makes each entry the field's
