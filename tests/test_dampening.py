@@ -632,6 +632,20 @@ def test_auto_on_complex_updates_keeps_their_phase():
     assert np.abs(out[0]) < 0.5 * np.abs(np.asarray(g)[0])  # the large one is bent
 
 
+def test_a_traced_scale_dampens_every_tensor_as_dampen_does():
+    """``inject_hyperparams``: the scale is traced, shared by the tensors of one shape."""
+    rng = np.random.default_rng(5)
+    grads = {
+        name: jnp.asarray(rng.standard_normal(shape) * 10.0 ** rng.uniform(-3, 3, shape))
+        for name, shape in [("a", (4, 3)), ("b", (4, 3)), ("c", (7,))]
+    }
+    tx = optax.inject_hyperparams(log_dampen)(scale=0.3)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(grads))
+    for name, g in grads.items():
+        want = jax.jit(dampen)(g, jnp.float32(0.3))
+        np.testing.assert_array_equal(updates[name], want)
+
+
 def test_auto_under_inject_hyperparams_is_the_plain_transform():
     grads = {"w": gradient_sequence(50, seed=8)}
     got, got_state = run(optax.inject_hyperparams(log_dampen)(scale="auto"), grads)
