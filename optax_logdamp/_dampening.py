@@ -98,6 +98,11 @@ def dampen_unchecked(g: jax.Array, scale: chex.Numeric) -> jax.Array:
     return _map_magnitude(g, lambda m: dampen_magnitude(m, _cast_scale(scale, m.dtype)))
 
 
+# log_dampen's kernel per tensor, jitted once: one trace per kind of tensor (map_leaves).
+_dampen_static = jax.jit(dampen_unchecked, static_argnums=1)
+_dampen_traced = jax.jit(dampen_unchecked)
+
+
 def dampen_above_knee(g: jax.Array, exponent: jax.Array) -> jax.Array:
     """The automatic knee's curve at the knee ``s = 2**exponent`` (:func:`linlog_magnitude`).
 
@@ -220,7 +225,11 @@ def log_dampen(scale: chex.Numeric | Literal["auto"] = 1.0) -> optax.GradientTra
         check_params_match("log_dampen", updates, params)
         check_inexact_leaves("log_dampen", updates)
         leaves, treedef = jax.tree.flatten(updates)
-        damped = map_leaves(lambda g: dampen_unchecked(g, scale), leaves)
+        # A number is part of the compiled kernel; an array (inject_hyperparams) is its input.
+        dampen_leaf = (
+            _dampen_static if isinstance(scale, (int, float, np.generic)) else _dampen_traced
+        )
+        damped = map_leaves(dampen_leaf, leaves, shared=(scale,))
         return treedef.unflatten(damped), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
@@ -258,7 +267,7 @@ def _log_dampen_auto() -> optax.GradientTransformation:
         decay = jnp.float32(AUTO_DECAY)
         weight = (1 - decay) / (1 - lax.pow(decay, count))
         damped, log_mean_square = zip(
-            *map_leaves(lambda g, lms: _dampen_and_fold(g, lms, weight), leaves, log_mean_squares),
+            *map_leaves(_dampen_and_fold, leaves, log_mean_squares, shared=(weight,)),
             strict=True,
         )
         new_state = LogDampenState(count=count, log_mean_square=treedef.unflatten(log_mean_square))
@@ -300,6 +309,7 @@ def auto_knee(log_mean_square: jax.Array) -> jax.Array:
     return power_of_two(knee_exponent(log_mean_square))
 
 
+@jax.jit
 def _dampen_and_fold(
     g: jax.Array, log_mean_square: jax.Array, weight: jax.Array
 ) -> tuple[jax.Array, jax.Array]:

@@ -97,32 +97,34 @@ def groups_of(leaves: Sequence[jax.Array]) -> list[list[int]]:
     return groups
 
 
-def map_leaves(fn: Callable[..., Any], *columns: Sequence[jax.Array]) -> list[Any]:
-    """``[fn(*row) for row in zip(*columns)]``, with ``fn`` traced once per kind of tensor.
-
-    ``fn`` is jitted, so tensors of one shape and dtype share one trace and one lowering
-    (XLA inlines it: the compiled program is the same). Measured on the 2-layer GPT's
-    training step with ``logadam(dampen_scale="auto")``: its compile went from 1.59x to
-    1.41x that of ``optax.adam`` (``benchmarks/whole_step.py``).
+def map_leaves(
+    fn: Callable[..., Any], *columns: Sequence[jax.Array], shared: Sequence[Any] = ()
+) -> list[Any]:
+    """``[fn(*row, *shared) for row in zip(*columns)]``, one call per group of tensors.
 
     ``columns[0]`` are the tensors (they choose the groups, :func:`groups_of`); each other
-    column holds one array per tensor (a knee's scalars, say) that ``fn`` takes along.
-    ``fn`` returns an array or a tuple of arrays per tensor. Element by element the
-    result is that of the tensor alone; a reduction inside ``fn`` may sum in another
-    order (to within rounding).
+    column holds one array per tensor (a knee's statistic, say) that ``fn`` takes along,
+    and ``shared`` are arguments of every call (a step's weight). ``fn`` returns an array
+    or a tuple of arrays per tensor. Element by element the result is that of the tensor
+    alone; a reduction inside ``fn`` may sum in another order (to within rounding).
+
+    Give a jitted ``fn``, made once (at module level, not a closure per step): tensors of
+    one shape and dtype then share one trace and one lowering (XLA inlines the call: the
+    compiled program is the same), and calls outside ``jit`` reuse its compiled kernel.
+    Measured on the 2-layer GPT's training step with ``logadam(dampen_scale="auto")``:
+    its compile went from 1.59x to 1.41x that of ``optax.adam``
+    (``benchmarks/whole_step.py``).
     """
     tensors = columns[0]
     out: list[Any] = [None] * len(tensors)
     groups = groups_of(tensors) if enabled() else [[i] for i in range(len(tensors))]
-    # Traced and lowered once per kind of tensor (shape and dtype), not once per tensor.
-    fn = jax.jit(fn)
     for group in groups:
         if len(group) == 1:
             (index,) = group
-            out[index] = fn(*(column[index] for column in columns))
+            out[index] = fn(*(column[index] for column in columns), *shared)
             continue
         stacked = tuple(jnp.stack([column[i] for i in group]) for column in columns)
-        mapped = lax.map(lambda row: fn(*row), stacked)
+        mapped = lax.map(lambda row: fn(*row, *shared), stacked)
         for position, index in enumerate(group):
             out[index] = jax.tree.map(lambda x, p=position: x[p], mapped)
     return out

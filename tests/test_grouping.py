@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import optax_logdamp._dampening as dampening
 import optax_logdamp._grouping as grouping
 from optax_logdamp import log_dampen, logadam
 
@@ -163,10 +164,29 @@ def test_each_kind_of_tensor_is_traced_once(grouped, monkeypatch):
         return 2 * g
 
     tensors = [jnp.ones(3)] * 13 + [jnp.ones((2, 2))] * 2  # 13: a group of its own
-    out = jax.jit(lambda ts: grouping.map_leaves(double, ts))(tensors)
+    jitted = jax.jit(double)
+    out = jax.jit(lambda ts: grouping.map_leaves(jitted, ts))(tensors)
     assert sorted(traced) == [(2, 2), (3,)]  # one trace per shape, not per tensor
     for g, doubled in zip(tensors, out, strict=True):
         np.testing.assert_array_equal(doubled, 2 * g)
+    grouping.map_leaves(jitted, tensors)  # outside jit: the compiled kernels are reused
+    assert len(traced) == 2
+
+
+def test_the_dampening_kernels_are_traced_once_across_steps(monkeypatch):
+    """Outside ``jit`` too: a step does not trace (and compile) its kernels again."""
+    traced = []
+    original = dampening.dampen_above_knee
+    monkeypatch.setattr(
+        dampening, "dampen_above_knee", lambda g, k: traced.append(g.shape) or original(g, k)
+    )
+    tx = log_dampen("auto")
+    shape = (3, 17)  # a shape no other test gives the module's jitted kernel
+    params = {"w": jnp.ones(shape), "v": jnp.ones(shape)}
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = tx.update(params, state)
+    assert traced == [shape]
 
 
 def test_grouping_is_on_for_one_cpu_device_only(monkeypatch):
