@@ -11,8 +11,8 @@ of all small tensors is one reduction over their concatenation
 (:func:`optax_logdamp._numerics.global_norm`).
 
 Measured (``benchmarks/results/cost/``, 2 CPU cores): the optimizer step alone at 300
-tensors of (64, 64) compiles in 2.5 s instead of 6.6 s (``logadam``), 3.1 s instead of
-8.1 s (``logadam(dampen_scale="auto")``) and 2.2 s instead of 3.8 s (``spike_guard()``
+tensors of (64, 64) compiles in 2.1 s instead of 5.6 s (``logadam``), 2.9 s instead of
+7.1 s (``logadam(dampen_scale="auto")``) and 1.8 s instead of 2.7 s (``spike_guard()``
 + Adam). Where few tensors share a shape a ``lax.map`` does not pay: over the 2-layer
 GPT's 10 vectors of (96,), its training step with ``logadam(dampen_scale="auto")``
 compiled in 1.80 s against 1.62 s apart (``whole_step.py --per-tensor`` with groups from 4

@@ -4,8 +4,8 @@ Why this module exists: XLA counts ``log1p``, ``log`` and ``divide`` as expensiv
 never duplicates them into several consumers. Before Adam, the dampened gradient feeds
 two consumers (the first and the second moment), so with ``jnp.log1p`` XLA
 materialises it in a full-size temporary buffer every step: in front of Adam, the
-optimizer step of a 10M-parameter transformer then takes 3.1x Adam's time on CPU,
-against 1.8x for ``logadam`` (``benchmarks/results/cost/step_overhead.md``). Built here
+optimizer step of a 10M-parameter transformer then takes 3.0x Adam's time on CPU,
+against 1.6x for ``logadam`` (``benchmarks/results/cost/step_overhead.md``). Built here
 from adds, multiplies, selects and bit operations, the dampening is fused into both
 moment updates like a plain gradient.
 
