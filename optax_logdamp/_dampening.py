@@ -220,15 +220,13 @@ def log_dampen(scale: chex.Numeric | Literal["auto"] = 1.0) -> optax.GradientTra
             raise ValueError(f'scale must be a number or "auto", got {scale!r}.')
         return _log_dampen_auto()
     check_scale(scale)
+    # A number is part of the compiled kernel; an array (inject_hyperparams) is its input.
+    dampen_leaf = _dampen_static if isinstance(scale, (int, float, np.generic)) else _dampen_traced
 
     def update_fn(updates, state, params=None):
         check_params_match("log_dampen", updates, params)
         check_inexact_leaves("log_dampen", updates)
         leaves, treedef = jax.tree.flatten(updates)
-        # A number is part of the compiled kernel; an array (inject_hyperparams) is its input.
-        dampen_leaf = (
-            _dampen_static if isinstance(scale, (int, float, np.generic)) else _dampen_traced
-        )
         damped = map_leaves(dampen_leaf, leaves, shared=(scale,))
         return treedef.unflatten(damped), state
 
