@@ -14,7 +14,7 @@ Models: the LM benchmark's byte-level GPT (2 layers, width 96, 19 tensors) and a
 12-layer GPT written layer by layer (width 256, 8 heads, 100 tensors, 9.5M parameters,
 not scanned: every tensor a leaf of its own, as most Flax and Equinox models keep them).
 Batch 16 x 64 bytes. All steps of one model are compiled in one process, alternating
-the two sides of every pair, ``--repeats`` times (5); a compile time is the smallest of
+the two sides of every pair, ``--repeats`` times (11); a compile time is the smallest of
 its repeats (the least disturbed), and the compile ratio is also given paired (the median
 over repeats of with / without in the same repeat: the same compile varies by about 10 %
 from one repeat to the next on a 2-core machine). Steady steps: the contenders take
@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=("lm", "gpt12"), default=["lm", "gpt12"])
-    parser.add_argument("--repeats", type=int, default=5, help="compiles of each step (min)")
+    parser.add_argument("--repeats", type=int, default=11, help="compiles of each step (min)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each optimizer")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=None, help="write whole_step.md here")
